@@ -1,0 +1,1 @@
+"""Attacks: the Attack protocol, native FGSM/BIM sweeps, torchattacks/foolbox backends, transfer."""

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``robustcaps bench``: figures to compare as ratios, never asserted."""

@@ -1,0 +1,14 @@
+"""``robustcaps diagnose``."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import common_options
+
+
+@click.command("diagnose")
+@common_options
+def command(common) -> None:
+    """(Being built.)"""
+    raise click.UsageError("'robustcaps diagnose' is not available in this version yet")

@@ -1,0 +1,14 @@
+"""``robustcaps report``."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import common_options
+
+
+@click.command("report")
+@common_options
+def command(common) -> None:
+    """(Being built.)"""
+    raise click.UsageError("'robustcaps report' is not available in this version yet")

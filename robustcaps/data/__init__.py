@@ -1,0 +1,1 @@
+"""Datasets: smallNORB format, SynthNORB renderer, MNIST idx, npz, paper preprocessing."""

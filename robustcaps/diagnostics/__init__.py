@@ -1,0 +1,1 @@
+"""Gradient diagnostics and masking indicators."""

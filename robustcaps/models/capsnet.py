@@ -1,0 +1,1 @@
+"""EM-routing matrix capsule network (placeholder until the capsule layers land)."""

@@ -1,0 +1,1 @@
+"""Tables (CSV/JSON) and seaborn figures built from per-sample records."""

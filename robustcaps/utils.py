@@ -1,0 +1,72 @@
+"""Small shared helpers: device resolution, seeding, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RobustcapsError
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable ``torch.device``.
+
+    ``auto`` picks the first CUDA device when one is available, else the CPU.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2]
+        if index and not index.isdigit():
+            raise RobustcapsError(f"invalid device {spec!r}: expected cuda:N with N an integer")
+        if not torch.cuda.is_available():
+            raise RobustcapsError(f"device {spec!r} requested but CUDA is not available here")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RobustcapsError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return torch.device(spec)
+    raise RobustcapsError(f"invalid device {spec!r}: use auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short stable hash of tensors' dtype, shape and bytes (identifies a data sample)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def repo_root() -> Path | None:
+    """The source checkout's root when running from one (holds pyproject.toml), else None."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
