@@ -42,7 +42,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) RNGs."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code may use the global RNG
     torch.manual_seed(seed)
 
 

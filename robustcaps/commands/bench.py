@@ -5,8 +5,9 @@ Each benchmark is a module ``robustcaps.bench.<name>`` exposing a click ``comman
 
 from __future__ import annotations
 
-from ..cli import LazyGroup
 import click
+
+from ..cli import LazyGroup
 
 BENCHMARKS = ("routing", "attacks", "data")
 
