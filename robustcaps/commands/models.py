@@ -55,6 +55,7 @@ def command(as_json: bool) -> None:
     click.echo("-" * len(header))
     for r in rows:
         err = r.get("test_error")
-        err_s = ", ".join(f"{k} {v:.2%}" for k, v in err.items()) if isinstance(err, dict) else "-"
+        err_s = ", ".join(f"{k} {v:.2%}" for k, v in err.items() if v is not None) \
+            if isinstance(err, dict) else "-"
         shape = "x".join(map(str, r["input_shape"] or []))
         click.echo(f"{r['name']:<18} {r['kind']:<13} {r['params'] or 0:>10,} {r['num_classes']:>7} {shape:<10} {err_s}")

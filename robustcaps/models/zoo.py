@@ -11,6 +11,10 @@ Zoo folders are searched in this order:
 
 Weights are always loaded with ``torch.load(weights_only=True)`` and their sha256 is
 checked against the card before use.
+
+``robustcaps train --out models/<name>`` writes an entry (see :mod:`robustcaps.train`); its
+full training checkpoints go to ``models/<name>/checkpoints/``, which is not committed and
+not packaged. :data:`CARD_FIELDS` lists what every card holds.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..utils import repo_root, sha256_file
+
+# Fields every model card holds (card.json); card.md renders the same information.
+CARD_FIELDS = (
+    "name", "arch", "arch_kwargs", "num_classes", "input_shape", "dataset", "params", "sha256",
+    "weights", "test_error", "seed", "epochs", "command", "data_fingerprint", "train_time_s",
+    "hardware", "description",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,93 @@ def load_zoo_model(name: str, map_location: str | torch.device = "cpu", verify: 
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state)
-    model.robustcaps_meta = {**model.robustcaps_meta, "name": name, "zoo": True,
-                             "sha256": card.get("sha256")}
+    meta = {**model.robustcaps_meta, "name": name, "zoo": True, "sha256": card.get("sha256")}
+    if card.get("bounds"):
+        meta["bounds"] = tuple(card["bounds"])
+    model.robustcaps_meta = meta
     return model
+
+
+def verify_entry(entry: ZooEntry) -> list[str]:
+    """Problems with a zoo entry (missing card fields, missing weights, sha256 mismatch).
+
+    An empty list means the entry is sound.
+    """
+    problems = [f"card lacks {k!r}" for k in CARD_FIELDS if k not in entry.card]
+    wpath = entry.weights_path
+    if not wpath.is_file():
+        problems.append(f"weights file {wpath.name} is missing")
+    elif entry.card.get("sha256") != sha256_file(wpath):
+        problems.append(f"sha256 of {wpath.name} does not match the card")
+    return problems
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.2%}" if isinstance(v, (int, float)) else "n/a"
+
+
+def render_card_markdown(card: dict[str, Any]) -> str:
+    """The human-readable model card (card.md) for a card dict."""
+    err = card.get("test_error") or {}
+    tr = card.get("training") or {}
+    fp = card.get("data_fingerprint")
+    fp_s = ", ".join(f"{k} `{v}`" for k, v in fp.items()) if isinstance(fp, dict) else f"`{fp}`"
+    lines = [
+        f"# Model card: {card.get('name')}",
+        "",
+        card.get("description", ""),
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| architecture | `{card.get('arch')}` {json.dumps(card.get('arch_kwargs') or {})} |",
+        f"| parameters | {card.get('params', 0):,} |",
+        f"| input | {'x'.join(map(str, card.get('input_shape') or []))}, "
+        f"bounds {card.get('bounds') or 'none (per-image standardised)'} |",
+        f"| classes | {card.get('num_classes')}: {', '.join(card.get('class_names') or [])} |",
+        f"| dataset | {card.get('dataset')} (splits {json.dumps(card.get('splits'))}) |",
+        f"| samples | train {card.get('n_train')}, validation {card.get('n_val')}, test {card.get('n_test')} |",
+        f"| **test error, centre crop** | **{_pct(err.get('center'))}** |",
+        f"| **test error, multi-crop** | **{_pct(err.get('multi_crop'))}** |",
+        f"| validation error | {_pct(card.get('val_error'))} |",
+        f"| seed | {card.get('seed')} |",
+        f"| epochs | {card.get('epochs')} of {card.get('epochs_planned', card.get('epochs'))} "
+        f"({card.get('steps')} steps; {card.get('status', '')}"
+        f"{'; ' + card['stop_reason'] if card.get('stop_reason') else ''}) |",
+        f"| training time | {card.get('train_time_s')} s on {card.get('hardware')} |",
+        f"| data fingerprint | {fp_s} |",
+        f"| weights | `{card.get('weights')}`, sha256 `{card.get('sha256')}` |",
+        f"| versions | {json.dumps(card.get('versions'))} |",
+        f"| created | {card.get('created', '')} |",
+        "",
+        "## Training",
+        "",
+        "```",
+        card.get("command", ""),
+        "```",
+        "",
+    ]
+    if tr:
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in tr.items()] + [""]
+    lines += [
+        "Test errors are on the whole test split given above (centre 32x32 crop; multi-crop "
+        "averages the class activations over the centre and four corner crops). No choice was "
+        "made on the test split.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: str | os.PathLike, card: dict[str, Any]) -> dict[str, Path]:
+    """Write ``card.json`` and ``card.md`` into ``folder``; returns their paths."""
+    folder = Path(folder)
+    missing = [k for k in CARD_FIELDS if k not in card]
+    if missing:
+        raise ModelLoadError(f"model card lacks {', '.join(missing)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"card_json": folder / "card.json", "card_md": folder / "card.md"}
+    for key, text in (("card_json", json.dumps(card, indent=2) + "\n"),
+                      ("card_md", render_card_markdown(card))):
+        tmp = paths[key].with_name(paths[key].name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, paths[key])
+    return paths
