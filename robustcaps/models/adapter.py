@@ -78,7 +78,8 @@ class ModelAdapter:
         probe: run one (2, *input_shape) batch to check shape and finiteness.
 
     Built-in models carry a ``robustcaps_meta`` dict attribute with defaults for
-    ``outputs``, ``num_classes``, ``input_shape`` and ``bounds``.
+    ``outputs``, ``num_classes``, ``input_shape`` and ``bounds``; third-party modules may
+    set one too, also with ``mean``, ``std`` and ``output_key``.
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class ModelAdapter:
                 stacklevel=2,
             )
         self.loss_name = loss
-        self.output_key = output_key
+        self.output_key = output_key if output_key is not None else meta.get("output_key")
         self.name = name or meta.get("name") or type(model).__name__
         self.num_classes = num_classes if num_classes is not None else meta.get("num_classes")
         shape = input_shape if input_shape is not None else meta.get("input_shape")
@@ -125,8 +126,9 @@ class ModelAdapter:
         self.device = resolve_device(device)
         self.dtype = dtype or next((p.dtype for p in model.parameters()), torch.float32)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self._mean = self._channel_tensor(_as_tuple(mean, "mean"))
-        self._std = self._channel_tensor(_as_tuple(std, "std"))
+        # A module may declare its own normalisation in robustcaps_meta (mean/std).
+        self._mean = self._channel_tensor(_as_tuple(mean if mean is not None else meta.get("mean"), "mean"))
+        self._std = self._channel_tensor(_as_tuple(std if std is not None else meta.get("std"), "std"))
         if self._std is not None and bool((self._std <= 0).any()):
             raise RobustcapsError("std must be positive")
         if probe and self.input_shape is not None:
@@ -186,7 +188,7 @@ class ModelAdapter:
                 else:
                     raise ModelLoadError(
                         f"model {self.name!r} returns a dict with keys {sorted(map(str, out))}: "
-                        "choose one with output_key"
+                        "choose one with output_key (CLI: --output-key)"
                     )
             if key not in out:
                 raise ModelLoadError(
@@ -203,7 +205,7 @@ class ModelAdapter:
                 )
             return out[index]
         if key is not None:
-            raise ModelLoadError(f"output_key {key!r} given but model {self.name!r} returns a tensor")
+            raise ModelLoadError(f"unknown output key {key!r} for model {self.name!r}: it returns a plain tensor")
         return out
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
