@@ -361,6 +361,11 @@ def _download_any(remote: str, dest: Path, base_urls: Sequence[str], **kw) -> Pa
     raise DataError(" / ".join(errors))
 
 
+def split_of(name: str) -> str:
+    """"train" or "test" for a smallNORB or MNIST file name."""
+    return "test" if ("-testing-" in name or name.startswith("t10k")) else "train"
+
+
 def fetch(
     dataset: str,
     dest_dir: str | os.PathLike,
@@ -371,11 +376,13 @@ def fetch(
     keep_compressed: bool = False,
     retries: int = 3,
     timeout: float = 60.0,
+    split: str | None = None,
 ) -> list[FetchedFile]:
     """Fetch ``dataset`` ("smallnorb" or "mnist") into ``dest_dir`` and verify it.
 
     ``base_url`` replaces the default source(s) (a list is tried in order); ``files`` replaces
     the list of expected files and their reference sizes/hashes (for mirrors and tests).
+    ``split`` ("train" or "test") fetches only that split's files.
     """
     if dataset not in DATASETS:
         raise RobustcapsError(f"unknown dataset {dataset!r} to fetch: use {' or '.join(DATASETS)}")
@@ -387,7 +394,12 @@ def fetch(
         urls = (base_url,)
     else:
         urls = tuple(base_url)
-    return fetch_files(files if files is not None else default_files(), dest_dir, urls,
+    chosen = list(files if files is not None else default_files())
+    if split is not None:
+        chosen = [f for f in chosen if split_of(f.name) == split]
+        if not chosen:
+            raise RobustcapsError(f"no {dataset} files for split {split!r}: use train or test")
+    return fetch_files(chosen, dest_dir, urls,
                        progress=progress, keep_compressed=keep_compressed, retries=retries,
                        timeout=timeout)
 
