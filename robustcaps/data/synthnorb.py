@@ -24,8 +24,7 @@ per-image noise), so :func:`render_subset` returns exactly the rows of the full 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -50,7 +49,7 @@ AZIMUTHS_DEG = 20 * np.arange(N_AZIMUTHS)
 PAIRS_PER_INSTANCE = N_ELEVATIONS * N_AZIMUTHS * N_LIGHTINGS  # 972
 __all__ = [
     "CATEGORY_NAMES", "RENDERER_VERSION", "SPLITS", "N_PAIRS", "metadata", "render_subset",
-    "render_instance", "generate", "default_cache_dir", "cache_dir_for", "is_generated",
+    "render_instance", "object_tasks", "iter_render_objects", "generate", "default_cache_dir", "cache_dir_for", "is_generated",
     "ensure_generated", "contact_sheet",
 ]
 
@@ -202,21 +201,45 @@ def _default_workers() -> int:
     return max(1, n)
 
 
+def object_tasks(splits: Iterable[str] = SPLITS) -> list[tuple[str, int, int]]:
+    """The rendering work units, in file order: (split, category, instance position)."""
+    return [(_split(s), c, p) for s in splits for c in range(N_CATEGORIES) for p in range(N_INSTANCES)]
+
+
+def iter_render_objects(tasks: Sequence[tuple[str, int, int]], seed: int = 0,
+                        workers: int | None = None) -> Iterator[np.ndarray]:
+    """Yield :func:`render_instance` blocks uint8 (972, 2, 96, 96) for ``tasks``, in order,
+    rendered by ``workers`` processes (default: the CPUs this process may use)."""
+    seed = _seed(seed)
+    workers = _default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise RobustcapsError(f"invalid number of workers {workers}: use 1 or more")
+    jobs = [(s, c, p, seed) for s, c, p in tasks]
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(_render_task, jobs)
+        return
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_mp_context())
+    try:
+        yield from pool.map(_render_task, jobs)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Iterable[str] = SPLITS,
              progress: bool = True, workers: int | None = None) -> list[Path]:
     """Render full splits and write them in the official format into ``out_dir``.
 
-    Each split's dat/cat/info files are written under temporary names and renamed, ``dat``
-    last, so an interrupted run never leaves a complete-looking split. ``workers`` processes
-    render objects in parallel (default: the CPUs this process may use). Returns the paths
-    written (dat, cat, info per split).
+    Each file is written under a temporary name and renamed; a split's old ``dat`` file is
+    removed first and its new one renamed last, so an interrupted run never leaves a
+    complete-looking split. ``workers`` processes render objects in parallel (default: the
+    CPUs this process may use). Returns the paths written (dat, cat, info per split).
     """
     from tqdm.auto import tqdm
 
     from .smallnorb import write_matrix
 
     seed = _seed(seed)
-    splits = [_split(s) for s in splits]
+    splits = list(dict.fromkeys(_split(s) for s in splits))
     if not splits:
         raise RobustcapsError("no SynthNORB split requested: use 'training' and/or 'testing'")
     out_dir = Path(out_dir)
@@ -224,39 +247,27 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Iterable[str] = 
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RobustcapsError(f"cannot create SynthNORB folder {out_dir}: {exc.strerror}") from None
-    workers = _default_workers() if workers is None else int(workers)
-    if workers < 1:
-        raise RobustcapsError(f"invalid number of workers {workers}: use 1 or more")
     written: list[Path] = []
-    total = len(splits) * N_PAIRS * 2
-    tasks = [(s, c, p, seed) for s in splits for c in range(N_CATEGORIES) for p in range(N_INSTANCES)]
     per_split = N_CATEGORIES * N_INSTANCES
-    bar = tqdm(total=total, desc=f"SynthNORB seed {seed}", unit="img", disable=not progress,
-               smoothing=0.1)
-    pool = (ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_mp_context())
-            if workers > 1 else None)
-    try:
-        results = pool.map(_render_task, tasks) if pool else map(_render_task, tasks)
-        for split in splits:
-            dat = np.empty((N_PAIRS, 2, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-            for o in range(per_split):
-                block = next(results)
-                dat[o * PAIRS_PER_INSTANCE:(o + 1) * PAIRS_PER_INSTANCE] = block
-                bar.update(2 * PAIRS_PER_INSTANCE)
-            paths = _paths(out_dir, split)
-            cat, info = metadata(split)
-            for path in paths.values():  # a stale complete-looking file must not survive a crash
-                if path.exists() and path.name.endswith("-dat.mat"):
-                    path.unlink()
-            write_matrix(paths["cat"], cat)
-            write_matrix(paths["info"], info)
-            write_matrix(paths["dat"], dat)
-            written += [paths["dat"], paths["cat"], paths["info"]]
-            del dat
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        bar.close()
+    blocks = iter_render_objects(object_tasks(splits), seed, workers)
+    with tqdm(total=len(splits) * N_PAIRS * 2, desc=f"SynthNORB seed {seed}", unit="img",
+              disable=not progress, smoothing=0.1) as bar:
+        try:
+            for split in splits:
+                paths = _paths(out_dir, split)
+                paths["dat"].unlink(missing_ok=True)
+                dat = np.empty((N_PAIRS, 2, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+                for o in range(per_split):
+                    dat[o * PAIRS_PER_INSTANCE:(o + 1) * PAIRS_PER_INSTANCE] = next(blocks)
+                    bar.update(2 * PAIRS_PER_INSTANCE)
+                cat, info = metadata(split)
+                write_matrix(paths["cat"], cat)
+                write_matrix(paths["info"], info)
+                write_matrix(paths["dat"], dat)
+                written += [paths["dat"], paths["cat"], paths["info"]]
+                del dat
+        finally:
+            blocks.close()
     return written
 
 
@@ -332,11 +343,3 @@ def contact_sheet(path: str | os.PathLike, seed: int = 0, dpi: int = 100) -> Pat
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-
-
-def _timed_generate(out_dir: Path, seed: int, splits: Sequence[str], workers: int | None,
-                    progress: bool) -> float:
-    """Seconds to :func:`generate` (used by ``robustcaps bench data``)."""
-    start = time.perf_counter()
-    generate(out_dir, seed=seed, splits=splits, progress=progress, workers=workers)
-    return time.perf_counter() - start
