@@ -122,7 +122,8 @@ def verify_cmd(data_dir: Path | None, dataset: str, no_checksum: bool, as_json: 
 
 
 @command.command("synthnorb")
-@common_options(out_help="Output folder for the six smallNORB-format files (default: the cache).")
+@common_options(out_help="Output folder for the smallNORB-format files (default: the per-seed "
+                           "cache folder, reused when complete).")
 @click.option("--split", "splits", type=click.Choice(["training", "testing"]), multiple=True,
               help="Generate only this split (repeatable; default both).")
 def synthnorb_cmd(common, splits: tuple[str, ...]) -> None:
@@ -131,10 +132,16 @@ def synthnorb_cmd(common, splits: tuple[str, ...]) -> None:
     --seed selects a different rendering; the built-in 'synthnorb' dataset is seed 0.
     """
     from ..data import synthnorb
+    from ..data.smallnorb import norb_filename
 
-    out = common.out or Path(synthnorb.default_cache_dir())
-    paths = synthnorb.generate(out, seed=common.seed, splits=splits or ("training", "testing"),
-                               progress=not common.quiet)
+    chosen = splits or ("training", "testing")
+    if common.out is None:
+        folder = synthnorb.ensure_generated(None, seed=common.seed, splits=chosen,
+                                            progress=not common.quiet)
+        paths = [folder / norb_filename(s, k) for s in chosen for k in ("dat", "cat", "info")]
+    else:
+        paths = synthnorb.generate(common.out, seed=common.seed, splits=chosen,
+                                   progress=not common.quiet)
     for p in paths:
         click.echo(str(p))
 

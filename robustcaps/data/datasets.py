@@ -153,21 +153,7 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 # -- NORB-format data ---------------------------------------------------------------------------
 
 def _cache_root() -> Path:
-    env = os.environ.get("ROBUSTCAPS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    try:
-        from . import synthnorb
-
-        return Path(synthnorb.default_cache_dir())
-    except (ImportError, AttributeError):
-        return Path.home() / ".cache" / "robustcaps"
-
-
-def _synth_dir(data_dir: str | os.PathLike | None) -> Path:
-    """Where full SynthNORB files are (or would be) cached."""
-    if data_dir is not None:
-        return Path(data_dir)
+    """robustcaps' cache root ($ROBUSTCAPS_CACHE, else $XDG_CACHE_HOME/robustcaps or ~/.cache)."""
     from . import synthnorb
 
     return Path(synthnorb.default_cache_dir())
@@ -177,18 +163,15 @@ def _synth_table(file_split: str) -> tuple[np.ndarray, np.ndarray]:
     """(cat int32 (24300,), info int32 (24300, 4)) of SynthNORB without rendering anything."""
     from . import synthnorb
 
-    for fn_name in ("metadata", "metadata_table", "record_table"):
-        fn = getattr(synthnorb, fn_name, None)
-        if fn is not None:
-            cat, info = fn(file_split)
-            return np.asarray(cat, dtype=np.int32), np.asarray(info, dtype=np.int32)
-    return protocol_table(file_split)
+    cat, info = synthnorb.metadata(file_split)
+    return np.asarray(cat, dtype=np.int32), np.asarray(info, dtype=np.int32)
 
 
 def protocol_table(file_split: str) -> tuple[np.ndarray, np.ndarray]:
     """The smallNORB protocol in nested order (category, instance, elevation, azimuth,
     lighting): cat int32 (24300,), info int32 (24300, 4). Training instances 4, 6, 7, 8, 9;
-    testing instances 0, 1, 2, 3, 5."""
+    testing instances 0, 1, 2, 3, 5. An independent statement of SynthNORB's record order
+    (tests check ``synthnorb.metadata`` against it)."""
     instances = (4, 6, 7, 8, 9) if file_split == "training" else (0, 1, 2, 3, 5)
     grid = np.stack(np.meshgrid(np.arange(5), np.asarray(instances), np.arange(9),
                                 np.arange(0, 36, 2), np.arange(6), indexing="ij"), -1).reshape(-1, 5)
@@ -222,19 +205,20 @@ def _load_norb(name: str, split: str, data_dir, n_samples, seed, stereo, crop, p
             )
         files_dir: Path | None = folder
     else:
-        folder = _synth_dir(data_dir)
-        files_dir = folder if smallnorb.has_split(folder, fs) else None
-        if data_dir is not None and files_dir is None and any(
-            (Path(data_dir) / smallnorb.norb_filename(fs, k)).exists() for k in smallnorb.KINDS
-        ):
-            raise DataError(f"{data_dir}: incomplete SynthNORB {fs} files (regenerate with "
-                            "'robustcaps data synthnorb --out DIR')")
-
-    if files_dir is None and n_samples is None:
         from . import synthnorb
 
-        files_dir = Path(synthnorb.ensure_generated(cache_dir=data_dir, seed=SYNTHNORB_SEED,
-                                                    splits=(fs,)))
+        # data_dir: a folder written by `robustcaps data synthnorb --out DIR` (files directly
+        # in it); without it, the per-seed cache folder of synthnorb.ensure_generated.
+        folder = (Path(data_dir) if data_dir is not None
+                  else synthnorb.cache_dir_for(None, SYNTHNORB_SEED))
+        files_dir = folder if synthnorb.is_generated(folder, [fs]) else None
+        if files_dir is None and n_samples is None:
+            if data_dir is not None:
+                synthnorb.generate(folder, seed=SYNTHNORB_SEED, splits=[fs], progress=progress)
+                files_dir = folder
+            else:
+                files_dir = Path(synthnorb.ensure_generated(None, seed=SYNTHNORB_SEED, splits=[fs],
+                                                            progress=progress))
 
     if files_dir is not None:
         source = smallnorb.NorbSplit(files_dir, fs)
