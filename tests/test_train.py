@@ -197,14 +197,23 @@ def test_bad_resumes_and_options(tmp_path):
     (["train", "--model", "cnn", "--dataset", "npz:{tmp}/missing.npz", "--out", "{tmp}/x"],
      "not found"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, fragment):
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, fragment):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "robustcaps.cli", *args], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args, prog_name="robustcaps")  # the console script's error handling
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
     assert fragment.lower() in lines[0].lower()
+
+
+def test_cli_error_seen_by_a_user(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "robustcaps.cli", "train", "--model", "cnn",
+                           "--on", "val", "--stop-at-error", "0.1", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("Error: --on val needs a validation split: give "
+                                   "--val-instances or --val-fraction")
 
 
 def test_cli_trains_an_npz_dataset_and_models_lists_it(tmp_path, monkeypatch):

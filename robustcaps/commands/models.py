@@ -42,10 +42,40 @@ def model_table() -> list[dict]:
     return rows
 
 
+def verify_zoo() -> dict[str, list[str]]:
+    """Problems of each zoo entry by name (empty list: card complete, sha256 matches)."""
+    from ..models.zoo import list_zoo, verify_entry
+
+    return {name: verify_entry(entry) for name, entry in sorted(list_zoo().items())}
+
+
 @click.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def command(as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Check every zoo entry's card and weights sha256 (exit 2 on a problem).")
+@click.option("--card", "card_name", metavar="NAME", default=None,
+              help="Print the model card (Markdown) of a zoo model.")
+def command(as_json: bool, verify: bool, card_name: str | None) -> None:
     """List built-in architectures and trained zoo models."""
+    from ..errors import ModelLoadError
+
+    if card_name is not None:
+        from ..models.zoo import list_zoo, render_card_markdown
+
+        entry = list_zoo().get(card_name)
+        if entry is None:
+            raise ModelLoadError(f"no zoo model named {card_name!r}; see `robustcaps models`")
+        md = entry.path / "card.md"
+        click.echo(md.read_text() if md.is_file() else render_card_markdown(entry.card))
+        return
+    if verify:
+        problems = verify_zoo()
+        for name, probs in problems.items():
+            click.echo(f"{name}: {'ok' if not probs else '; '.join(probs)}")
+        bad = sorted(n for n, p in problems.items() if p)
+        if bad:
+            raise ModelLoadError(f"zoo entries with problems: {', '.join(bad)}")
+        return
     rows = model_table()
     if as_json:
         click.echo(json.dumps(rows, indent=2))

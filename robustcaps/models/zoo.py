@@ -116,7 +116,7 @@ def verify_entry(entry: ZooEntry) -> list[str]:
     if not wpath.is_file():
         problems.append(f"weights file {wpath.name} is missing")
     elif entry.card.get("sha256") != sha256_file(wpath):
-        problems.append(f"sha256 of {wpath.name} does not match the card")
+        problems.append(f"sha256 of {wpath.name} does not match its card")
     return problems
 
 
@@ -133,7 +133,7 @@ def render_card_markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {card.get('name')}",
         "",
-        card.get("description", ""),
+        card.get("description") or "",
         "",
         "| | |",
         "| --- | --- |",
@@ -160,7 +160,7 @@ def render_card_markdown(card: dict[str, Any]) -> str:
         "## Training",
         "",
         "```",
-        card.get("command", ""),
+        card.get("command") or "",
         "```",
         "",
     ]
