@@ -307,3 +307,45 @@ def parse_adapter_options(mapping: Mapping[str, Any]) -> dict[str, Any]:
                 "mean, std, outputs, output_key, loss, name, trust_pickle"
             )
     return out
+
+
+def resolve_model(model: Any, *, defaults: Mapping[str, Any] | None = None,
+                  **options: Any) -> ModelAdapter:
+    """Anything that names a model -> a checked :class:`ModelAdapter`.
+
+    ``model``: a spec string or path, a suite table (``{"spec": ..., <adapter options>}``),
+    a ``ModelRequest`` (CLI), an ``nn.Module`` (wrapped with :func:`adapt`) or a
+    ``ModelAdapter`` (returned as is; only ``device`` may then be given, which moves a copy).
+    ``defaults``/``options`` as in :func:`load_model`.
+    """
+    if isinstance(model, ModelAdapter):
+        extra = {k: v for k, v in options.items() if v is not None and k != "device"}
+        if extra:
+            raise RobustcapsError(
+                f"options {', '.join(sorted(extra))} cannot be applied to a ready ModelAdapter "
+                f"({model.name!r}); pass the nn.Module or a spec instead"
+            )
+        dev = options.get("device")
+        if dev is not None and resolve_device(dev) != model.device:
+            return model.to(resolve_device(dev))
+        return model
+    if isinstance(model, nn.Module):
+        meta = dict(getattr(model, "robustcaps_meta", {}) or {})
+        opts = {k: v for k, v in options.items() if v is not None}
+        for key, value in (defaults or {}).items():
+            if value is not None and key not in opts and meta.get(key) is None:
+                opts[key] = value
+        return ModelAdapter(model, **opts)
+    if isinstance(model, (str, Path)):
+        return load_model(model, defaults=defaults, **options)
+    if isinstance(model, Mapping):
+        from ..commands._model_options import ModelRequest
+
+        request = ModelRequest.from_mapping(model)
+        trust = request.options.pop("trust_pickle", False)
+        return load_model(request.spec, trust_pickle=trust, defaults=defaults,
+                          **{**request.options, **options})
+    if callable(getattr(model, "load", None)) and isinstance(getattr(model, "spec", None), str):
+        return model.load(defaults=defaults, **options)
+    raise RobustcapsError(f"cannot use a {type(model).__name__} as a model: give a spec string, "
+                          "an nn.Module or a ModelAdapter")
