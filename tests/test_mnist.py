@@ -117,3 +117,24 @@ def test_real_mnist_t10k():
     assert y[:5].tolist() == [7, 2, 1, 0, 4]
     ds = load_dataset("mnist", "t10k-test", data_dir=SHARED_MNIST)
     assert len(ds) == 2000 and float(ds.x.min()) == 0.0 and float(ds.x.max()) == 1.0
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="../shared/data/mnist-t10k not present")
+def test_verify_real_gz_files_against_official_checksums():
+    from robustcaps.data import download
+
+    reports = {r.name: r for r in download.verify(SHARED_MNIST, "mnist", progress=False)}
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        assert reports[name].ok and reports[name].checksum == "official match"
+    assert not reports["train-images-idx3-ubyte"].present
+
+
+def test_verify_corrupt_gz(tmp_path):
+    from robustcaps.data import download
+
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    blob = (tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(blob[:-8])  # cut the gzip trailer
+    reports = {r.name: r for r in download.verify(tmp_path, "mnist", progress=False)}
+    rep = reports["t10k-labels-idx1-ubyte.gz"]
+    assert not rep.ok and "t10k-labels-idx1-ubyte.gz" in rep.format_error
