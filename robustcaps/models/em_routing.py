@@ -1,0 +1,380 @@
+"""EM routing (Procedure 1 of Hinton, Sabour & Frosst, ICLR 2018) and the capsule layers.
+
+Layout and speed
+----------------
+A capsule layer with ``L`` output positions, ``C`` parent capsule types and ``J`` child
+slots per output position (``J = K*K*B`` for a KxK convolutional capsule layer over ``B``
+child types, ``J = H*W*D`` for the class layer) routes a vote tensor of shape
+``(N, L, C, J, 16)`` ("parent-major": each parent's votes are one contiguous ``(J, 16)``
+block). Every M-step is then a single batched matrix product ``(J,) x (J, 16)`` per parent,
+the E-step's Gaussian log densities one more, and nothing of vote size is ever copied or
+transposed inside the routing loop. Votes themselves are one ``bmm`` over the child slots
+(4x4 matrices are multiplied as ``(rows of M) @ W``) plus one permute into that layout.
+The only Python loop is over the routing iterations.
+
+Convolutional routing, as in Section 4
+---------------------------------------
+A child capsule feeds every parent type at every output position whose KxK receptive
+field contains it. Its assignment probabilities are normalised over *all* those parents
+(``R_ij = a_j p_ij / sum_k a_k p_ik`` with ``k`` running over every (position, type) the
+child feeds), so border children, which feed fewer positions, receive fewer feedbacks
+(corner children of a stride-1 layer: one position). The per-child normaliser is a fold
+(``index_add`` over the overlapping windows) of a per-slot ``logsumexp`` over parent types,
+made stable by a per-child shift (the largest per-slot term, found with ``scatter_reduce``
+``amax``; the shift cancels exactly, so no gradient flows through it). The initial
+assignment of Procedure 1 line 2 is ``R_ij = 1 / |parents(i)|``: uniform over the parents a
+child actually feeds, i.e. ``1 / (C * number of windows containing i)``.
+
+Constants the paper leaves open (and why these values)
+------------------------------------------------------
+``final_lambda = 1.0`` and the schedule ``lambda_t = final_lambda * (t + 1) / T`` for
+    iteration ``t = 0..T-1``: the paper only says lambda increases on a fixed schedule. A
+    linear ramp that always *ends* at the same value makes the final activations of a
+    1-iteration and a 5-iteration network live on the same scale (needed for the Table 1
+    ablation), while early iterations stay soft so that every parent still takes part. The
+    value 1 goes with the data normalisation below: the logit then spans
+    ``lambda * 16 * |log sigma|`` nats, enough for confident class activations.
+Data normalisation (``data_scale``): the amount of data a parent receives,
+    ``sum_i R_ij a_i``, is divided by ``kappa = (number of children that feed the layer) /
+    (number of parents)``, the amount every parent would receive if all children were
+    active and assigned uniformly (ConvCaps1 at 32x32 input: 13*13*B/(6*6*C); ConvCaps2:
+    6*6*C/(4*4*D); class layer: 4*4*D/E = 102.4 for D=32, E=5). Without it the cost term
+    of the class layer is ~100x that of a 3x3 conv capsule and a single lambda cannot suit
+    both. This is exactly Procedure 1 with a per-layer ``lambda / kappa`` and ``kappa *
+    beta_a``; since beta_a is learned it changes the conditioning, not the model family.
+    The mass still weights the cost, so parents that receive more data pay more (or gain
+    more), as in Eq. 2.
+``beta_a, beta_u``: one pair per output capsule *type* (shared over positions, as the
+    transformation matrices are), initialised to 0, so the initial logit is
+    ``-lambda * mass * sum_h log sigma_h``. ``beta_u`` enters as
+    ``cost_h = (beta_u + log sigma_h) * mass`` (Procedure 1, M-step line 5).
+``var_floor = 1e-4`` added to every variance ``sigma_h^2`` (so ``sigma_h >= 0.01``): a
+    parent that receives one vote, or identical votes, would otherwise get a zero
+    variance, an infinite log density and NaN gradients. It bounds ``1 / sigma^2 <= 1e4``,
+    far below the pose scale of trained networks where it would bias the fit.
+``mass_eps = 1e-8`` added to the amount of data in the mean/variance denominators: a
+    parent whose children are all inactive then gets mean 0, variance ``var_floor`` and
+    activation ``sigmoid(lambda * beta_a)`` instead of 0/0.
+The last iteration ends after its M-step: Procedure 1's final E-step computes assignments
+    nobody uses. The returned ``R`` is the assignment the final M-step used.
+Log-space E-step: ``log a_j`` is ``logsigmoid`` of the parent's logit and ``log p_ij`` the
+    Gaussian log density, so saturated activations and far outliers never under/overflow.
+Coordinate Addition: the centre of the receptive field (in input pixels, pixel centres at
+    ``+0.5``) of each last-conv-layer capsule, divided by the input height (row) and width
+    (column), i.e. scaled into [0, 1], is added to vote elements ``(0, 3)`` (row) and
+    ``(1, 3)`` (column), the first two elements of the right-hand column. With vector poses
+    the same flat positions 3 and 7 are used (a vector pose has no columns; any two fixed
+    positions are equivalent up to a permutation of the transformation's rows).
+Pose ``"vector"`` (Table 1 ablation): a 16-vector pose with a full 16x16 transformation per
+    (child type, parent type, kernel offset), as vector capsules use; a 4x4 matrix
+    transform is the special case ``kron(I_4, W)``, so this isolates the matrix structure
+    (at 16x the transformation parameters).
+Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimension (4 for
+    matrices, 16 for vectors), so a vote has the scale of the child pose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VAR_FLOOR = 1e-4
+MASS_EPS = 1e-8
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def lambda_schedule(iterations: int, final_lambda: float = 1.0) -> list[float]:
+    """Inverse temperatures for iterations ``0..T-1``: a linear ramp ending at ``final_lambda``."""
+    return [final_lambda * (t + 1) / iterations for t in range(iterations)]
+
+
+@dataclass
+class RoutingResult:
+    """Output of :func:`em_routing`.
+
+    poses: (N, L, C, 16) parent means; logits: (N, L, C) pre-sigmoid activations;
+    R: (N, L, C, J) assignment probabilities used by the final M-step.
+    """
+
+    poses: torch.Tensor
+    logits: torch.Tensor
+    R: torch.Tensor
+
+
+class Fold:
+    """Which child each convolutional slot holds, for the per-child E-step normaliser.
+
+    Slots are ``(L, KK, B)`` with ``B`` innermost; ``index`` (L*KK,) maps a slot's spatial
+    part to a child position in ``[0, n_pos)``; ``count`` (L*KK,) is how many windows
+    contain that child position.
+    """
+
+    def __init__(self, index: torch.Tensor, n_pos: int, types: int) -> None:
+        self.index = index
+        self.n_pos = n_pos
+        self.types = types
+        counts = torch.bincount(index, minlength=n_pos)
+        self.count = counts[index]
+        self.n_covered = int((counts > 0).sum()) * types
+
+    def to(self, device: torch.device) -> Fold:
+        if self.index.device == device:
+            return self
+        new = Fold.__new__(Fold)
+        new.index, new.count = self.index.to(device), self.count.to(device)
+        new.n_pos, new.types, new.n_covered = self.n_pos, self.types, self.n_covered
+        return new
+
+
+def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """E-step normaliser. z: (N, L, C, J) = log a_j + log p_ij -> R (N, L, C, J).
+
+    Without ``fold`` every slot is a distinct child that feeds exactly the C parents at its
+    position; with it, a child's terms are summed over every slot it occupies.
+    """
+    n, L, C, J = z.shape
+    lse = torch.logsumexp(z, dim=2)  # (N, L, J): over parent types at one position
+    if fold is not None:
+        b = fold.types
+        s = lse.reshape(n, -1, b)  # (N, L*KK, B)
+        with torch.no_grad():  # the shift cancels exactly: no gradient needed
+            idx = fold.index.reshape(1, -1, 1).expand_as(s)
+            shift = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
+            shift = shift.index_select(1, fold.index)
+        total = s.new_zeros((n, fold.n_pos, b)).index_add(1, fold.index, torch.exp(s - shift))
+        lse = (total.index_select(1, fold.index).log() + shift).reshape(n, L, J)
+    return torch.exp(z - lse[:, :, None, :])
+
+
+def em_routing(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    *,
+    iterations: int = 3,
+    final_lambda: float = 1.0,
+    fold: Fold | None = None,
+    data_scale: float = 1.0,
+    var_floor: float = VAR_FLOOR,
+) -> RoutingResult:
+    """EM routing between one pair of capsule layers (vectorised Procedure 1).
+
+    Args:
+        votes: (N, L, C, J, H) votes of the J child slots for the C parents at each of L
+            positions (H = 16 pose elements). Contiguous for speed.
+        a_in: (N, L, J) activation probability of the child in each slot.
+        beta_a, beta_u: (C,) learned biases per parent type.
+        fold: slot -> child map of a convolutional layer (None: each slot is its own child).
+        data_scale: kappa of the module docstring (amount of data normaliser).
+    """
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    v = votes.reshape(m, J, H)
+    if fold is None:
+        R = votes.new_full((1, 1, 1, J), 1.0 / C)
+    else:
+        cnt = fold.count.to(votes.dtype).reshape(1, L, 1, -1, 1)
+        R = (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
+    a = a_in[:, :, None, :]
+    ba = beta_a.reshape(1, 1, C)
+    bu = beta_u.reshape(1, 1, C)
+    lambdas = lambda_schedule(iterations, final_lambda)
+    for t, lam in enumerate(lambdas):
+        # ---- M-step (all parents at once)
+        rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
+        mass = rw.sum(-1).reshape(n, L, C)
+        denom = (mass + MASS_EPS)[..., None]
+        mu = torch.bmm(rw, v).reshape(n, L, C, H) / denom
+        d2 = (votes - mu[:, :, :, None, :]).square()  # (N, L, C, J, H)
+        var = torch.bmm(rw, d2.reshape(m, J, H)).reshape(n, L, C, H) / denom + var_floor
+        log_var = var.log()
+        sum_log_sigma = 0.5 * log_var.sum(-1)  # (N, L, C)
+        cost = (H * bu + sum_log_sigma) * (mass / data_scale)
+        logits = lam * (ba - cost)
+        if t == iterations - 1:
+            break
+        # ---- E-step (all children at once, in log space)
+        maha = torch.bmm(d2.reshape(m, J, H), var.reciprocal().reshape(m, H, 1)).reshape(n, L, C, J)
+        log_p = -0.5 * maha - (sum_log_sigma + 0.5 * H * LOG_2PI)[..., None]
+        R = _normalise(F.logsigmoid(logits)[..., None] + log_p, fold)
+    R = R.expand(n, L, C, J)
+    return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+# ---------------------------------------------------------------------------- layers
+def _pose_dims(pose: str) -> tuple[int, int, int]:
+    """(rows, inner, cols) of one vote product: matrix (4, 4, 4), vector (1, 16, 16)."""
+    if pose == "matrix":
+        return 4, 4, 4
+    if pose == "vector":
+        return 1, 16, 16
+    raise ValueError(f"pose must be 'matrix' or 'vector', got {pose!r}")
+
+
+def _votes(p: torch.Tensor, w: torch.Tensor, pose: str) -> torch.Tensor:
+    """Votes for every slot and parent type.
+
+    p: (G, n, L, 16) child poses, G groups of distinct transforms (slots);
+    w: (G, C, 4, 4) (matrix: vote = M @ W) or (G, C, 16, 16) (vector: vote = W @ p).
+    Returns (n, L, C, G, 16) contiguous.
+    """
+    g, n, L, _ = p.shape
+    c = w.shape[1]
+    rows, inner, cols = _pose_dims(pose)
+    if pose == "matrix":
+        wm = w.permute(0, 2, 1, 3).reshape(g, inner, c * cols)  # [t, (c, s)]
+    else:
+        wm = w.permute(0, 3, 1, 2).reshape(g, inner, c * cols)  # [t, (c, h)]
+    out = torch.bmm(p.reshape(g, n * L * rows, inner), wm)  # (G, n*L*rows, C*cols)
+    out = out.reshape(g, n, L, rows, c, cols).permute(1, 2, 4, 0, 3, 5)
+    return out.reshape(n, L, c, g, 16)
+
+
+class PrimaryCaps(nn.Module):
+    """1x1 convolution: (N, A, H, W) -> poses (N, H, W, B, 16), activation logits (N, H, W, B)."""
+
+    def __init__(self, in_channels: int, types: int) -> None:
+        super().__init__()
+        self.types = types
+        self.conv = nn.Conv2d(in_channels, types * 17, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        y = self.conv(x).permute(0, 2, 3, 1)  # (N, H, W, 17B)
+        poses = y[..., : 16 * self.types].reshape(n, h, w, self.types, 16)
+        logits = y[..., 16 * self.types :]
+        return poses, logits
+
+
+class ConvCaps(nn.Module):
+    """KxK convolutional capsule layer with EM routing.
+
+    Input: poses (N, H, W, B, 16), activations (N, H, W, B) in [0, 1].
+    Output: poses (N, Ho, Wo, C, 16), activation logits (N, Ho, Wo, C), and, on request,
+    votes (N, Ho, Wo, C, K, K, B, 16) and R (N, Ho, Wo, C, K, K, B).
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        out_types: int,
+        kernel: int,
+        stride: int,
+        *,
+        iterations: int = 3,
+        pose: str = "matrix",
+        final_lambda: float = 1.0,
+    ) -> None:
+        super().__init__()
+        rows, inner, cols = _pose_dims(pose)
+        self.B, self.C, self.K, self.stride = in_types, out_types, kernel, stride
+        self.iterations, self.pose, self.final_lambda = iterations, pose, final_lambda
+        shape = (kernel * kernel * in_types, out_types, 4, 4) if pose == "matrix" else (
+            kernel * kernel * in_types, out_types, 16, 16)
+        self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
+        self.beta_a = nn.Parameter(torch.zeros(out_types))
+        self.beta_u = nn.Parameter(torch.zeros(out_types))
+        self._folds: dict[tuple, Fold] = {}
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return (h - self.K) // self.stride + 1, (w - self.K) // self.stride + 1
+
+    def fold(self, h: int, w: int, device: torch.device) -> Fold:
+        """Slot geometry for an (h, w) child grid (cached per size and device)."""
+        key = (h, w, str(device))
+        if key not in self._folds:
+            ho, wo = self.out_size(h, w)
+            k = torch.arange(self.K)
+            rows = (torch.arange(ho)[:, None] * self.stride + k)  # (Ho, K)
+            cols = (torch.arange(wo)[:, None] * self.stride + k)  # (Wo, K)
+            idx = rows[:, None, :, None] * w + cols[None, :, None, :]  # (Ho, Wo, K, K)
+            self._folds[key] = Fold(idx.reshape(-1), h * w, self.B).to(device)
+        return self._folds[key]
+
+    def forward(
+        self, poses: torch.Tensor, a: torch.Tensor, return_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        n, h, w, b, _ = poses.shape
+        ho, wo = self.out_size(h, w)
+        fold = self.fold(h, w, poses.device)
+        kk = self.K * self.K
+        L = ho * wo
+        # Child slots, slot-major: (KK, B, N, L, 16) -> G = KK*B groups of distinct weights.
+        pt = poses.reshape(n, h * w, b, 16).index_select(1, fold.index)  # (N, L*KK, B, 16)
+        pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
+        votes = _votes(pt, self.weight, self.pose)  # (N, L, C, J, 16)
+        a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
+        res = em_routing(
+            votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
+            final_lambda=self.final_lambda, fold=fold,
+            data_scale=fold.n_covered / (L * self.C),
+        )
+        out = {
+            "poses": res.poses.reshape(n, ho, wo, self.C, 16),
+            "logits": res.logits.reshape(n, ho, wo, self.C),
+        }
+        if return_all:
+            out["votes"] = votes.reshape(n, ho, wo, self.C, self.K, self.K, b, 16)
+            out["R"] = res.R.reshape(n, ho, wo, self.C, self.K, self.K, b)
+        return out
+
+
+class ClassCaps(nn.Module):
+    """Class capsules: one per class, transforms shared over positions, Coordinate Addition.
+
+    Input: poses (N, H, W, D, 16), activations (N, H, W, D), and ``coords`` (H, W, 2): the
+    scaled (row, column) receptive-field centres. Output: poses (N, E, 16), logits (N, E),
+    and on request votes (N, E, H, W, D, 16), R (N, E, H, W, D).
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        num_classes: int,
+        *,
+        iterations: int = 3,
+        pose: str = "matrix",
+        coord_add: bool = True,
+        final_lambda: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _, inner, _ = _pose_dims(pose)
+        self.D, self.E = in_types, num_classes
+        self.iterations, self.pose, self.coord_add = iterations, pose, coord_add
+        self.final_lambda = final_lambda
+        shape = (in_types, num_classes, 4, 4) if pose == "matrix" else (
+            in_types, num_classes, 16, 16)
+        self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
+        self.beta_a = nn.Parameter(torch.zeros(num_classes))
+        self.beta_u = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(
+        self, poses: torch.Tensor, a: torch.Tensor, coords: torch.Tensor, return_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        n, h, w, d, _ = poses.shape
+        hw = h * w
+        pt = poses.reshape(n, hw, d, 16).permute(2, 0, 1, 3)  # (D, N, HW, 16)
+        votes = _votes(pt, self.weight, self.pose)  # (N, HW, E, D, 16)
+        # Route all H*W*D children to the E class capsules: L = 1, J = (HW, D).
+        votes = votes.permute(0, 2, 1, 3, 4)  # (N, E, HW, D, 16)
+        if self.coord_add:
+            add = coords.new_zeros(hw, 1, 16)
+            add[:, 0, 3] = coords.reshape(hw, 2)[:, 0]
+            add[:, 0, 7] = coords.reshape(hw, 2)[:, 1]
+            votes = votes + add
+        votes = votes.reshape(n, 1, self.E, hw * d, 16).contiguous()
+        a_in = a.reshape(n, 1, hw * d)
+        res = em_routing(
+            votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
+            final_lambda=self.final_lambda, fold=None, data_scale=hw * d / self.E,
+        )
+        out = {"poses": res.poses.reshape(n, self.E, 16), "logits": res.logits.reshape(n, self.E)}
+        if return_all:
+            out["votes"] = votes.reshape(n, self.E, h, w, d, 16)
+            out["R"] = res.R.reshape(n, self.E, h, w, d)
+        return out
