@@ -26,7 +26,7 @@ from .synthnorb_shapes import BOX, CYLINDER, ELLIPSOID, Shape
 
 IMAGE_SIZE = 96
 CAM_DIST = 6.0
-FOCAL = 250.0  # pixels
+FOCAL = 280.0  # pixels
 BASELINE = 0.36  # stereo baseline in object units (about 3.4 degrees of vergence)
 
 # Lighting conditions: (ambient, background, [(azimuth rel. to camera, elevation, intensity)]).
@@ -34,7 +34,7 @@ LIGHTINGS: tuple[tuple[float, float, tuple[tuple[float, float, float], ...]], ..
     (0.16, 0.42, ((-55.0, 40.0, 0.88),)),
     (0.16, 0.42, ((60.0, 35.0, 0.88),)),
     (0.14, 0.48, ((10.0, 80.0, 0.9),)),
-    (0.12, 0.36, ((-80.0, 25.0, 0.55), (80.0, 25.0, 0.55))),
+    (0.14, 0.36, ((-80.0, 25.0, 0.62), (80.0, 25.0, 0.62))),
     (0.22, 0.30, ((0.0, 15.0, 0.7),)),
     (0.10, 0.52, ((150.0, 40.0, 0.7), (-35.0, 30.0, 0.45))),
 )

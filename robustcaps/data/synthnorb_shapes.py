@@ -166,12 +166,14 @@ def _human(rng: np.random.Generator) -> _Builder:
         foot = knee_p + shin_dir * leg_len * 0.5
         b.limb(hip, knee_p, leg_r, overlap=1.15)
         b.limb(knee_p, foot, leg_r * 0.85, overlap=1.12)
+        b.add(ELLIPSOID, foot + np.array([leg_r * 0.9, 0, leg_r * 0.2]),
+              (leg_r * 1.7, leg_r * 0.85, leg_r * 0.6))
     chest_z = pelvis_z + 0.1 + torso_h
     b.add(ELLIPSOID, (0, 0, chest_z), (torso_d, torso_w, torso_h))
     head_r = rng.uniform(0.095, 0.125)
     b.add(ELLIPSOID, (0.01, 0, chest_z + torso_h + head_r * 1.15), (head_r, head_r * 0.9, head_r * 1.15))
     arm_len = rng.uniform(0.55, 0.72)
-    arm_r = rng.uniform(0.045, 0.06)
+    arm_r = rng.uniform(0.05, 0.068)
     for sy in (1, -1):
         abduct = rng.uniform(8.0, 85.0)
         swing = rng.uniform(-35.0, 35.0)
@@ -188,13 +190,13 @@ def _human(rng: np.random.Generator) -> _Builder:
 
 def _airplane(rng: np.random.Generator) -> _Builder:
     b = _Builder()
-    fus_l = rng.uniform(0.9, 1.2)
-    fus_r = rng.uniform(0.08, 0.13)
+    fus_l = rng.uniform(0.85, 1.25)
+    fus_r = rng.uniform(0.07, 0.15)
     z0 = 0.0
     b.add(ELLIPSOID, (0, 0, z0), (fus_l, fus_r, fus_r * rng.uniform(1.0, 1.25)))
-    span = rng.uniform(0.65, 1.05)
-    chord = rng.uniform(0.16, 0.32)
-    sweep = rng.uniform(-2.0, 35.0)
+    span = rng.uniform(0.55, 1.15)
+    chord = rng.uniform(0.14, 0.36)
+    sweep = rng.uniform(-5.0, 40.0)
     dihedral = rng.uniform(-4.0, 9.0)
     wing_x = rng.uniform(-0.12, 0.22)
     wing_z = rng.uniform(-0.6, 0.6) * fus_r
@@ -264,15 +266,15 @@ def _truck(rng: np.random.Generator) -> _Builder:
 
 def _car(rng: np.random.Generator) -> _Builder:
     b = _Builder()
-    length = rng.uniform(0.75, 1.0)
-    width = rng.uniform(0.3, 0.38)
-    body_h = rng.uniform(0.1, 0.15)
-    wheel_r = rng.uniform(0.11, 0.15)
+    length = rng.uniform(0.7, 1.0)
+    width = rng.uniform(0.27, 0.42)
+    body_h = rng.uniform(0.08, 0.17)
+    wheel_r = rng.uniform(0.1, 0.17)
     body_z = wheel_r + rng.uniform(0.0, 0.04)
     b.add(BOX, (0, 0, body_z + body_h * 0.5), (length, width, body_h))
-    cab_l = rng.uniform(0.3, 0.5)
-    cab_x = rng.uniform(-0.25, 0.0) * length
-    cab_h = rng.uniform(0.12, 0.2)
+    cab_l = rng.uniform(0.25, 0.6)
+    cab_x = rng.uniform(-0.3, 0.05) * length
+    cab_h = rng.uniform(0.1, 0.24)
     cab_w = width * rng.uniform(0.82, 0.92)
     top = body_z + body_h * 1.5
     b.add(BOX, (cab_x, 0, top + cab_h * 0.5), (cab_l, cab_w, cab_h * 0.5))
