@@ -89,21 +89,20 @@ def parse_spec(spec: str) -> ModelSpec:
     if not text:
         raise ModelLoadError("empty model spec")
     if "@" in text:
-        left, _, right = text.rpartition("@")
-        if left and right:
-            try:
-                base = parse_spec(left)
-            except ModelLoadError:
-                base = None
-            if base is not None and base.kind in ("name", "module", "file"):
-                return ModelSpec(text, "weights", path=Path(right), base=base)
-            if not Path(text).is_file():
-                raise ModelLoadError(
-                    f"model spec {text!r}: BASE@WEIGHTS needs a zoo/architecture name, "
-                    f"module:factory or file.py:factory before '@', got {left!r}"
-                )
-        elif not Path(text).is_file():
-            raise ModelLoadError(f"model spec {text!r}: expected BASE@WEIGHTS with both parts")
+        # BASE@WEIGHTS. Names and module specs hold no '@', so the first '@' ends them; a
+        # file.py:FACTORY base ends at its factory name. Weight paths may contain '@'.
+        m = re.fullmatch(rf"(.+?\.py):({_DOTTED})@(.+)", text, flags=re.IGNORECASE)
+        if m:
+            base = ModelSpec(f"{m.group(1)}:{m.group(2)}", "file", attr=m.group(2), path=Path(m.group(1)))
+            return ModelSpec(text, "weights", path=Path(m.group(3)), base=base)
+        left, _, right = text.partition("@")
+        if left and right and (_MODULE_SPEC.fullmatch(left) or _NAME_SPEC.fullmatch(left)):
+            return ModelSpec(text, "weights", path=Path(right), base=parse_spec(left))
+        if not Path(text).is_file():
+            raise ModelLoadError(
+                f"model spec {text!r}: expected BASE@path/to/weights.pt with BASE a zoo or "
+                "architecture name, package.module:FACTORY or path/to/file.py:FACTORY"
+            )
     if ":" in text:
         left, _, right = text.rpartition(":")
         if left.lower().endswith(".py"):
