@@ -1,0 +1,172 @@
+"""``robustcaps bench routing``: capsule-network throughput and peak memory.
+
+For each configuration (``capsnet-small``, ``capsnet``) and device: images/s of the forward
+pass (no autograd) and of forward + backward, where backward is the gradient w.r.t. the
+input only (``torch.autograd.grad(loss, x)``, as attacks use it), plus peak memory of each.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement),
+minus what was allocated before it. On CPU the growth of the process's resident-set
+high-water mark (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs before
+each measurement) over the RSS before it; where that reset is unavailable, the growth of
+``resource.getrusage().ru_maxrss`` (which then only shows new peaks). The ``memory_method``
+field says which was used. Timings are medians over ``repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ..errors import RobustcapsError
+
+CONFIGS = ("capsnet-small", "capsnet")
+
+
+def _read_status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _PeakMemory:
+    """Peak extra memory (bytes) used while the block runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self.method = ""
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to current RSS
+            self.base = _read_status("VmRSS")
+            self.method = "VmHWM-VmRSS (/proc, peak reset)"
+        except OSError:
+            self.base = None
+        if self.base is None:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss delta (new peaks only)"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.method.startswith("VmHWM"):
+            self.peak = (_read_status("VmHWM") or 0) - self.base
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_routing(
+    configs: tuple[str, ...] = CONFIGS,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    iterations: int = 3,
+    repeats: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict[str, Any]]:
+    """One row per configuration: forward and forward+backward images/s and peak memory."""
+    from ..models.registry import count_params, create_model
+    from ..utils import resolve_device
+
+    dev = resolve_device(device)
+    if batch_size < 1 or repeats < 1:
+        raise RobustcapsError("batch size and repeats must be positive")
+    rows = []
+    for name in configs:
+        torch.manual_seed(0)
+        model = create_model(name, iterations=iterations).to(device=dev, dtype=dtype).eval()
+        x = torch.randn(batch_size, 2, 32, 32, device=dev, dtype=dtype)
+        y = torch.arange(batch_size, device=dev) % 5
+
+        def forward(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                model(x)
+
+        def forward_backward(model: torch.nn.Module = model, x: torch.Tensor = x,
+                             y: torch.Tensor = y) -> None:
+            xr = x.detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(xr), y)
+            torch.autograd.grad(loss, xr)
+
+        row: dict[str, Any] = {
+            "model": name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+            "batch_size": batch_size, "iterations": iterations, "params": count_params(model),
+            "threads": torch.get_num_threads(),
+        }
+        for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
+            fn()  # warm-up (allocator, caches)
+            _sync(dev)
+            times = []
+            with _PeakMemory(dev) as mem:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(dev)
+                    times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            row[f"{key}_img_s"] = round(batch_size / med, 2)
+            row[f"{key}_s_per_batch"] = round(med, 4)
+            row[f"{key}_peak_mem_mb"] = round(max(mem.peak, 0) / 2**20, 1)
+            row["memory_method"] = mem.method
+        rows.append(row)
+    return rows
+
+
+@click.command("routing")
+@click.option("--device", default="all", show_default=True, metavar="all|cpu|cuda[:N]",
+              help="'all': the CPU, and CUDA too where available.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--iterations", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="EM routing iterations.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per figure (median reported).")
+@click.option("--model", "models", multiple=True, type=click.Choice(CONFIGS),
+              help="Configuration(s) to run (default: both).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def command(device: str, batch_size: int, iterations: int, repeats: int,
+            models: tuple[str, ...], as_json: bool) -> None:
+    """Capsule network forward and forward+backward (input gradient) images/s and memory."""
+    if device == "all":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [device]
+    rows = []
+    for dev in devices:
+        rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
+               f"median of {repeats}; peak memory: {rows[0]['memory_method']}")
+    header = (f"{'model':<14} {'device':<7} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
+              f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11}")
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        click.echo(f"{r['model']:<14} {r['device']:<7} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
+                   f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
+                   f"{r['forward_backward_peak_mem_mb']:>11.0f}")
