@@ -203,12 +203,17 @@ class _TorchattacksAttack(_LibraryAttack):
     def _attack(self, adapter, x, labels, epsilon, eps, targeted) -> torch.Tensor:
         lo, hi = attack_box(adapter, x, eps)
         scale = hi - lo
-        module = AdapterModule(adapter, offset=lo, scale=scale)
+        # eval() matters: torchattacks restores the wrapper's training flag after the attack,
+        # and a fresh nn.Module is in training mode (it would switch dropout on).
+        module = AdapterModule(adapter, offset=lo, scale=scale).eval()
         u = ((x - lo) / scale).clamp(0.0, 1.0)
         atk = self._make(module, epsilon / scale, self._loss_fn(adapter), epsilon)
         if targeted:
             atk.set_mode_targeted_by_label(quiet=True)
-        u_adv = atk(u, labels)
+        try:
+            u_adv = atk(u, labels)
+        finally:
+            adapter.model.eval()
         # Map the u-space perturbation back; eps = 0 gives x exactly.
         return x + (u_adv - u) * scale
 
@@ -281,7 +286,8 @@ class _FoolboxAttack(_LibraryAttack):
     def _attack(self, adapter, x, labels, epsilon, eps, targeted) -> torch.Tensor:
         fb = _foolbox()
         bounds = attack_box(adapter, x, eps)
-        fmodel = fb.PyTorchModel(AdapterModule(adapter).eval(), bounds=bounds, device=adapter.device)
+        fmodel = fb.PyTorchModel(AdapterModule(adapter).eval(), bounds=bounds,
+                                 device=adapter.device)
         kind = self.loss or adapter.loss_name
         cls = self._cls(fb, targeted)
         if kind != "ce":

@@ -194,8 +194,13 @@ def state_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _resolve_model(m: Any, options: dict[str, Any], warn: Callable[[str], None]) -> ModelAdapter:
-    """Spec / ModelRequest / nn.Module / ModelAdapter -> ModelAdapter (``options``: device, loss)."""
+def _resolve_model(m: Any, options: dict[str, Any], defaults: dict[str, Any],
+                   warn: Callable[[str], None]) -> ModelAdapter:
+    """Spec / ModelRequest / suite table / nn.Module / ModelAdapter -> ModelAdapter.
+
+    ``options``: device and loss; ``defaults``: the dataset's num_classes, input_shape and
+    bounds, used where neither the user nor the model sets them.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if isinstance(m, ModelAdapter):
@@ -204,18 +209,38 @@ def _resolve_model(m: Any, options: dict[str, Any], warn: Callable[[str], None])
                 adapter = copy.copy(adapter)  # same module, another attack loss
                 adapter.loss_name = options["loss"]
         elif isinstance(m, torch.nn.Module):
-            adapter = adapt(m, **options)
+            meta = dict(getattr(m, "robustcaps_meta", {}) or {})
+            extra = {k: v for k, v in defaults.items() if meta.get(k) is None}
+            adapter = adapt(m, **{**extra, **options})
         elif isinstance(m, str):
             from ..models.loading import load_model
 
-            adapter = load_model(m, **options)
+            adapter = load_model(m, defaults=defaults, **options)
+        elif isinstance(m, dict):  # a suite/manifest table {spec = ..., <adapter options>}
+            from ..commands._model_options import ModelRequest
+
+            adapter = ModelRequest.from_mapping(m).load(defaults=defaults, **options)
         elif hasattr(m, "load"):  # a ModelRequest from the CLI
-            adapter = m.load(**options)
+            adapter = m.load(defaults=defaults, **options)
         else:
             raise RobustcapsError(f"cannot use {m!r} as a model")
     for w in caught:
         warn(f"{w.message}")
     return adapter
+
+
+def model_spec(m: Any) -> Any:
+    """JSON form of a model argument (None when it is a Python object)."""
+    if isinstance(m, str):
+        return m
+    if isinstance(m, dict):
+        return m
+    spec = getattr(m, "spec", None)
+    if isinstance(spec, str):
+        opts = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in (getattr(m, "options", {}) or {}).items()}
+        return {"spec": spec, **opts} if opts else spec
+    return None
 
 
 @dataclass
@@ -373,6 +398,7 @@ def evaluate(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     command: str | None = None,
+    invocation: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Run white-box and/or transfer attack sweeps and collect per-sample records.
 
@@ -397,6 +423,8 @@ def evaluate(
         out: run directory; None keeps everything in memory.
         resume: continue the run in ``out``, skipping finished units.
         echo: where to print progress messages (default: nowhere).
+        command, invocation: the command line and the JSON-able arguments to store in the
+            manifest (``robustcaps evaluate --resume`` reads ``invocation`` back).
 
     Returns:
         :class:`EvaluationResult`.
@@ -440,7 +468,7 @@ def evaluate(
     seed_everything(seed)
 
     white = [a for a in attacks if a != "transfer"]
-    model_specs = list(models) if models else (list(DEFAULT_MODELS) if white else [])
+    model_specs = (list(models) if models else list(DEFAULT_MODELS)) if white else []
     options: dict[str, Any] = {"device": dev}
     if loss is not None:
         options["loss"] = loss
@@ -454,12 +482,15 @@ def evaluate(
     # ---- models (loaded once each, shared between white-box and transfer)
     loaded: dict[str, ModelAdapter] = {}
 
+    defaults = {"num_classes": data.num_classes, "input_shape": tuple(data.x.shape[1:]),
+                "bounds": data.bounds}
+
     def get(m: Any) -> ModelAdapter:
-        key = m if isinstance(m, str) else getattr(m, "spec", None)
-        if isinstance(key, str) and key in loaded:
+        key = json.dumps(model_spec(m), sort_keys=True) if model_spec(m) is not None else None
+        if key is not None and key in loaded:
             return loaded[key]
-        a = _resolve_model(m, options, warn)
-        if isinstance(key, str):
+        a = _resolve_model(m, options, defaults, warn)
+        if key is not None:
             loaded[key] = a
         return a
 
@@ -523,6 +554,7 @@ def evaluate(
     manifest: dict[str, Any] = {}
     if run_dir is not None:
         _prepare_run_dir(run_dir, config, resume)
+        say(f"run directory: {run_dir}")
         manifest = {
             "robustcaps_run": 1, "status": "running", "command": command,
             "started": datetime.now().isoformat(timespec="seconds"), "config": config,
@@ -532,6 +564,10 @@ def evaluate(
                      "bounds": list(data.bounds) if data.bounds else None, "eps_units": units_text},
             "models": {a.name: _model_manifest(a) for a in adapters + tgts},
             "warnings": warnings_seen,
+            "invocation": invocation if invocation is not None else _invocation(
+                models, dataset, attack, targeted, eps, steps, step_size, early_stop, loss,
+                n_samples, batch_size, backend, seed, source, transfer_targets,
+                transfer_attack, split, data_dir),
         }
         _write_json(run_dir / "manifest.json", manifest)
 
@@ -605,6 +641,29 @@ def evaluate(
         table = console_table(summary)
     return EvaluationResult(records=records, summary=summary, per_target=per_target,
                             disagreement=disagreement, paths=paths, manifest=manifest, table=table)
+
+
+def _invocation(models, dataset, attack, targeted, eps, steps, step_size, early_stop, loss,
+                n_samples, batch_size, backend, seed, source, transfer_targets, transfer_attack,
+                split, data_dir) -> dict[str, Any]:
+    """The arguments of an API call, where they can be written as JSON (specs, names)."""
+
+    spec = model_spec
+    inv = {"attack": attack, "targeted": targeted, "epsilons": eps.tolist(), "steps": steps,
+           "step_size": step_size, "early_stop": early_stop, "loss": loss,
+           "n_samples": n_samples, "batch_size": batch_size, "backend": backend, "seed": seed,
+           "transfer_attack": transfer_attack, "split": split,
+           "data_dir": None if data_dir is None else str(data_dir)}
+    if isinstance(dataset, str):
+        inv["dataset"] = dataset
+    if models is None or all(spec(m) is not None for m in models):
+        inv["models"] = None if models is None else [spec(m) for m in models]
+    if source is None or spec(source) is not None:
+        inv["source"] = None if source is None else spec(source)
+    if transfer_targets is None or all(spec(m) is not None for m in transfer_targets):
+        inv["transfer_targets"] = (None if transfer_targets is None
+                                   else [spec(m) for m in transfer_targets])
+    return inv
 
 
 def _check_model_data(a: ModelAdapter, data: _Data) -> None:

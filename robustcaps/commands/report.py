@@ -1,6 +1,8 @@
-"""``robustcaps report``."""
+"""``robustcaps report RUN_DIR``: regenerate a run's summaries and figures from its records."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -8,7 +10,23 @@ from ._common import common_options
 
 
 @click.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--no-figures", is_flag=True, help="Only the tables.")
 @common_options
-def command(common) -> None:
-    """(Being built.)"""
-    raise click.UsageError("'robustcaps report' is not available in this version yet")
+def command(common, run_dir: Path, no_figures: bool) -> None:
+    """Rebuild summary.csv, summary_per_target.csv, table.txt and figures/ of RUN_DIR.
+
+    Everything is recomputed from RUN_DIR/records.csv.gz (plus manifest.json for class
+    names and examples/*.npz for the example grid), so any figure can be regenerated.
+    """
+    from ..report import COMPLETE_MARKER, build_report
+
+    result = build_report(run_dir, figures=not no_figures)
+    if not (run_dir / COMPLETE_MARKER).is_file():
+        click.echo(f"Warning: {run_dir} has no {COMPLETE_MARKER} marker; the records may be "
+                   "from an older or unfinished run", err=True)
+    common.echo(result.table)
+    common.echo("")
+    common.echo("files:")
+    for path in result.values():
+        click.echo(f"  {path}")
