@@ -164,6 +164,11 @@ def test_norb_split_reader(tmp_path: Path) -> None:
     chunks = list(split.iter_chunks(np.array([1, 5, 6]), chunk=2))
     assert [c.shape for c in chunks] == [(2, 2, 96, 96), (1, 2, 96, 96)]
     np.testing.assert_array_equal(chunks[1][0], arrays["dat"][6])
+    rows = np.array([7, 2, 3, 4, 0, 0, 5])  # runs, repeats and out-of-order rows
+    np.testing.assert_array_equal(split.read_rows(rows), arrays["dat"][rows])
+    assert split.read_rows(np.array([], dtype=int)).shape == (0, 2, 96, 96)
+    with pytest.raises(RobustcapsError, match="out of range"):
+        split.read_rows(np.array([8]))
 
 
 def test_norb_split_rejects_inconsistent_files(tmp_path: Path) -> None:

@@ -232,7 +232,7 @@ def _load_norb(name: str, split: str, data_dir, n_samples, seed, stereo, crop, p
 
     if source is not None:
         where = str(files_dir)
-        x = _norb_x(_RowView(source.images, rows), stereo, crop, progress, f"{name} {split}")
+        x = _norb_x(_RowView(source, rows), stereo, crop, progress, f"{name} {split}")
     else:
         where = f"rendered (SynthNORB seed {SYNTHNORB_SEED})"
         x = _render_rows(fs, rows, stereo, crop, progress, cat, info)
@@ -245,21 +245,17 @@ def _load_norb(name: str, split: str, data_dir, n_samples, seed, stereo, crop, p
 
 
 class _RowView:
-    """Selected rows of a (memmapped) array, sliceable like an array (reads on demand)."""
+    """Selected rows of a split's images, sliceable like an array (read from disk on demand)."""
 
-    def __init__(self, array, rows: np.ndarray) -> None:
-        self.array, self.rows = array, rows
-        self.contiguous = len(rows) == 0 or (
-            len(rows) == array.shape[0] and rows[0] == 0 and np.all(np.diff(rows) == 1))
+    def __init__(self, split: smallnorb.NorbSplit, rows: np.ndarray) -> None:
+        self.split, self.rows = split, rows
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self.array.shape[1:])
+        return (len(self.rows), *self.split.images.shape[1:])
 
     def __getitem__(self, item: slice) -> np.ndarray:
-        if self.contiguous:
-            return np.asarray(self.array[item])
-        return np.asarray(self.array[self.rows[item]])
+        return self.split.read_rows(self.rows[item])
 
 
 def _render_rows(fs: str, rows: np.ndarray, stereo: bool, crop: str, progress: bool,

@@ -299,6 +299,8 @@ class NorbSplit:
                 "(run 'robustcaps data fetch smallnorb --dir DIR')"
             )
         self.images = read_matrix(paths["dat"], mmap=True)
+        self._dat_path = paths["dat"]
+        self._dat_offset = read_header(paths["dat"]).offset
         self.labels = np.asarray(read_matrix(paths["cat"], mmap=False))
         self.info = np.asarray(read_matrix(paths["info"], mmap=False))
         self._check(paths)
@@ -335,9 +337,32 @@ class NorbSplit:
         """Per-pair metadata columns as int64 arrays (instance, elevation, azimuth, lighting)."""
         return {name: self.info[:, i].astype(np.int64) for i, name in enumerate(INFO_COLUMNS)}
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), 2, 96, 96) image pairs of ``rows`` (in the given order).
+
+        Plain file reads, one per run of consecutive rows: unlike indexing the memmap, this
+        does not leave the whole file mapped into the process's resident memory.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise RobustcapsError(f"row index out of range [0, {len(self)})")
+        out = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        row_bytes = int(np.prod(self.images.shape[1:]))
+        if rows.size == 0:
+            return out
+        flat = out.reshape(len(rows), row_bytes)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
+        ends = np.append(starts[1:], len(rows))
+        with open(self._dat_path, "rb") as f:
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                f.seek(self._dat_offset + int(rows[a]) * row_bytes)
+                got = f.readinto(memoryview(flat[a:b]).cast("B"))
+                if got != (b - a) * row_bytes:
+                    raise DataError(f"{self._dat_path}: file shrank while reading")
+        return out
+
     def iter_chunks(self, indices: np.ndarray | None = None, chunk: int = 1024) -> Iterator[np.ndarray]:
         """Yield uint8 (<=chunk, 2, 96, 96) arrays of the selected rows, in order."""
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
         for start in range(0, len(idx), chunk):
-            sel = idx[start:start + chunk]
-            yield np.asarray(self.images[sel])
+            yield self.read_rows(idx[start:start + chunk])

@@ -34,20 +34,25 @@ def downsample(x: torch.Tensor | np.ndarray, size: int = 48) -> torch.Tensor:
     uint8 input is scaled to [0, 1] first.
     """
     if isinstance(x, np.ndarray):
-        # memmap slices are read-only; torch wants writable memory (one chunk is copied).
+        # memmap slices are read-only; torch wants writable memory (then one chunk is copied).
         x = np.array(x, copy=not x.flags.writeable or not x.flags.c_contiguous)
         t = torch.from_numpy(x)
     else:
         t = x
     if t.dim() != 4:
         raise RobustcapsError(f"downsample expects (N, C, H, W), got shape {tuple(t.shape)}")
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    if t.shape[-2:] == (size, size):
-        return t.contiguous()
+    scale = 1.0 / 255.0 if t.dtype == torch.uint8 else None
+    t = t.float()
     h, w = t.shape[-2:]
-    if h % size == 0 and w % size == 0:
-        return F.avg_pool2d(t, kernel_size=(h // size, w // size))
-    return F.adaptive_avg_pool2d(t, (size, size))
+    if (h, w) == (size, size):
+        out = t.contiguous() if scale is None else t * scale
+    elif h % size == 0 and w % size == 0:
+        out = F.avg_pool2d(t, kernel_size=(h // size, w // size))
+    else:
+        out = F.adaptive_avg_pool2d(t, (size, size))
+    if scale is not None and (h, w) != (size, size):
+        out.mul_(scale)  # after pooling: 4x fewer multiplications
+    return out
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -59,11 +64,9 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
         raise RobustcapsError(f"standardize expects (N, C, H, W), got shape {tuple(x.shape)}")
     x = x.float()
     flat = x.reshape(x.shape[0], -1)
-    mean = flat.mean(dim=1, keepdim=True)
-    std = flat.std(dim=1, unbiased=False, keepdim=True)
+    std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)
     floor = 1.0 / float(np.sqrt(max(1, flat.shape[1])))
-    std = std.clamp_min(floor)
-    return ((flat - mean) / std).reshape(x.shape)
+    return ((flat - mean) / std.clamp_min(floor)).reshape(x.shape)
 
 
 def preprocess_norb(
