@@ -149,7 +149,8 @@ def load_model(
         defaults: fallbacks for ``num_classes``, ``input_shape`` and ``bounds`` (typically
             the dataset's), used only when neither ``options`` nor the model's own metadata
             (``robustcaps_meta``, a zoo card) sets them. Built-in architectures are built for
-            them (e.g. ``cnn`` for 1x28x28 MNIST).
+            them (e.g. ``cnn`` for 1x28x28 MNIST); other models take ``num_classes`` from
+            their probe batch instead.
         **options: :class:`ModelAdapter` keyword options (``num_classes``, ``input_shape``
             (C, H, W), ``bounds`` (lo, hi), ``mean``/``std`` (normalisation inside the
             adapter), ``outputs``, ``output_key``, ``loss``, ``name``, ``device``, ...).
@@ -197,7 +198,9 @@ def load_model(
         )
     meta = _meta_of(built)
     for key, value in defaults.items():
-        if key not in options and key not in meta:
+        # A model of unknown width tells its num_classes on the probe batch; the data's
+        # count (e.g. the labels present in an npz file) may be smaller.
+        if key not in options and key not in meta and key != "num_classes":
             options[key] = value
     if options.get("probe", True) and options.get("input_shape") is None and meta.get("input_shape") is None:
         raise ModelLoadError(
