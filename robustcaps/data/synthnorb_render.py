@@ -239,59 +239,44 @@ def normals(shape: Shape, centre, fwd, right, up, depth: np.ndarray, prim: np.nd
     """Unit surface normals of the visible points.
 
     Returns flat indices ``(N,)`` into ``(V, H, W)`` of the object pixels and their world
-    normals ``(N, 3)`` float64.
+    normals ``(N, 3)`` float64. Elementwise per pixel (no BLAS), hence batch-independent.
     """
-    flat = np.flatnonzero(prim.reshape(-1) >= 0)
+    pf = prim.reshape(-1)
+    flat = np.flatnonzero(pf >= 0)
+    kk = pf[flat]
     v, rem = np.divmod(flat, IMAGE_SIZE * IMAGE_SIZE)
     yy, xx = np.divmod(rem, IMAGE_SIZE)
-    k = prim.reshape(-1)[flat].astype(np.int64)
     t = depth.reshape(-1)[flat].astype(np.float64)
-    d = fwd[v] + (_PIX[xx] / FOCAL)[:, None] * right[v] + (_PIXY[yy] / FOCAL)[:, None] * up[v]
-    p = centre[v] + t[:, None] * d - shape.center[k]
-    rot = shape.rot[k]  # (N, 3, 3)
-    half = shape.half[k]
-    loc = np.stack([_dot(rot[:, :, i], p) for i in range(3)], axis=-1) / half  # local coords
-    kind = shape.kind[k]
-    g = loc.copy()
-    # Boxes: the face whose coordinate is largest in magnitude.
-    is_box = kind == BOX
-    if is_box.any():
-        lb = loc[is_box]
-        face = np.argmax(np.abs(lb), axis=1)
-        gb = np.zeros_like(lb)
-        gb[np.arange(len(lb)), face] = np.sign(lb[np.arange(len(lb)), face])
-        g[is_box] = gb
-    is_cyl = kind == CYLINDER
-    if is_cyl.any():
-        lc = loc[is_cyl]
-        cap = np.abs(lc[:, 2]) >= np.hypot(lc[:, 0], lc[:, 1])
-        gc = lc.copy()
-        gc[:, 2] = 0.0
-        gc[cap] = 0.0
-        gc[cap, 2] = np.sign(lc[cap, 2])
-        g[is_cyl] = gc
-    gl = g / half  # gradient of the implicit function, still in local axes
-    n = np.stack([_dot(rot[:, i, :], gl) for i in range(3)], axis=-1)
-    n /= np.sqrt(_dot(n, n))[:, None]
+    px, py = _PIX[xx] / FOCAL, _PIXY[yy] / FOCAL
+    # Ray direction and hit point per pixel, component by component.
+    d = [fwd[v, i] + px * right[v, i] + py * up[v, i] for i in range(3)]
+    p = [centre[v, i] + t * d[i] for i in range(3)]
+    n = np.empty((3, len(flat)), dtype=np.float64)
+    for k in range(shape.n):
+        sel = np.flatnonzero(kk == k)
+        if not len(sel):
+            continue
+        rot, half, c = shape.rot[k], shape.half[k], shape.center[k]
+        q = [p[i][sel] - c[i] for i in range(3)]
+        loc = [(q[0] * rot[0, j] + q[1] * rot[1, j] + q[2] * rot[2, j]) / half[j] for j in range(3)]
+        if shape.kind[k] == BOX:  # the face whose local coordinate is largest in magnitude
+            a = np.stack([np.abs(x) for x in loc])
+            face = np.argmax(a, axis=0)
+            g = [np.where(face == j, np.sign(loc[j]), 0.0) for j in range(3)]
+        elif shape.kind[k] == CYLINDER:  # side or cap, whichever the point is closer to
+            cap = np.abs(loc[2]) >= np.sqrt(loc[0] * loc[0] + loc[1] * loc[1])
+            g = [np.where(cap, 0.0, loc[0]), np.where(cap, 0.0, loc[1]),
+                 np.where(cap, np.sign(loc[2]), 0.0)]
+        else:
+            g = loc
+        gl = [g[j] / half[j] for j in range(3)]  # implicit-function gradient, local axes
+        for i in range(3):
+            n[i, sel] = rot[i, 0] * gl[0] + rot[i, 1] * gl[1] + rot[i, 2] * gl[2]
+    n /= np.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2])
     # Seen from outside, the normal faces the camera; guard against rim round-off.
-    flip = _dot(n, d) > 0
-    n[flip] = -n[flip]
-    return flat, n
-
-
-def _light_dirs(az_deg: np.ndarray) -> list[list[tuple[np.ndarray, float]]]:
-    """Per lighting condition: list of (direction towards light (V,3), intensity)."""
-    out = []
-    for _amb, _bg, lights in LIGHTINGS:
-        cond = []
-        for laz, lel, inten in lights:
-            a = np.deg2rad(np.asarray(az_deg, dtype=np.float64) + laz)
-            e = np.deg2rad(lel)
-            dirs = np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a),
-                             np.full_like(a, np.sin(e))], axis=-1)
-            cond.append((dirs, inten))
-        out.append(cond)
-    return out
+    flip = (n[0] * d[0] + n[1] * d[1] + n[2] * d[2]) > 0
+    n[:, flip] *= -1.0
+    return flat, np.ascontiguousarray(n.T)
 
 
 def shade(shape: Shape, az_deg: np.ndarray, flat: np.ndarray, nrm: np.ndarray, n_views: int,
@@ -300,29 +285,52 @@ def shade(shape: Shape, az_deg: np.ndarray, flat: np.ndarray, nrm: np.ndarray, n
 
     Intensity = albedo * (ambient + sum_l I_l max(0, n.l)) on the object, a constant
     background elsewhere; a [1,2,1]/4 separable blur stands in for the camera's optics
-    (and anti-aliases the silhouettes).
+    (and anti-aliases the silhouettes). Lights turn with the camera's azimuth, so the
+    normals are rotated into that frame once: n.(Rz(az) l) = (Rz(-az) n).l.
     """
     v = flat // (IMAGE_SIZE * IMAGE_SIZE)
-    dirs = _light_dirs(az_deg)
+    a = np.deg2rad(np.asarray(az_deg, dtype=np.float64))
+    ca, sa = np.cos(a)[v], np.sin(a)[v]
+    nx = (ca * nrm[:, 0] + sa * nrm[:, 1]).astype(np.float32)
+    ny = (ca * nrm[:, 1] - sa * nrm[:, 0]).astype(np.float32)
+    nz = nrm[:, 2].astype(np.float32)
     out = np.empty((len(lightings), n_views, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    img = np.empty(n_views * IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32)
     for li, cond in enumerate(lightings):
-        amb, bg, _ = LIGHTINGS[cond]
-        val = np.full(len(flat), amb, dtype=np.float64)
-        for ldir, inten in dirs[cond]:
-            val += inten * np.maximum(_dot(nrm, ldir[v]), 0.0)
-        img = np.full(n_views * IMAGE_SIZE * IMAGE_SIZE, bg, dtype=np.float32)
-        img[flat] = (shape.albedo * val).astype(np.float32)
-        img = img.reshape(n_views, IMAGE_SIZE, IMAGE_SIZE)
-        out[li] = _quantise(_blur(img))
+        amb, bg, lights = LIGHTINGS[cond]
+        val = np.full(len(flat), amb, dtype=np.float32)
+        for laz, lel, inten in lights:
+            e, la = np.deg2rad(lel), np.deg2rad(laz)
+            lx, ly, lz = (np.float32(x) for x in (np.cos(e) * np.cos(la), np.cos(e) * np.sin(la),
+                                                   np.sin(e)))
+            lam = nx * lx + ny * ly + nz * lz
+            np.maximum(lam, np.float32(0.0), out=lam)
+            lam *= np.float32(inten)
+            val += lam
+        val *= np.float32(shape.albedo)
+        img.fill(bg)
+        img[flat] = val
+        out[li] = _quantise(_blur(img.reshape(n_views, IMAGE_SIZE, IMAGE_SIZE)))
     return out
 
 
 def _blur(img: np.ndarray) -> np.ndarray:
     """[1,2,1]/4 along rows then columns with edge replication; img (V, H, W) float32."""
-    p = np.pad(img, ((0, 0), (0, 0), (1, 1)), mode="edge")
-    h = (p[:, :, :-2] + p[:, :, 2:]) * np.float32(0.25) + img * np.float32(0.5)
-    p = np.pad(h, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    return (p[:, :-2, :] + p[:, 2:, :]) * np.float32(0.25) + h * np.float32(0.5)
+    quarter, half = np.float32(0.25), np.float32(0.5)
+    h = np.empty_like(img)  # left + right neighbours
+    np.add(img[:, :, :-2], img[:, :, 2:], out=h[:, :, 1:-1])
+    np.add(img[:, :, 0], img[:, :, 1], out=h[:, :, 0])
+    np.add(img[:, :, -2], img[:, :, -1], out=h[:, :, -1])
+    h *= quarter
+    h += img * half
+    out = np.empty_like(h)  # upper + lower neighbours
+    np.add(h[:, :-2], h[:, 2:], out=out[:, 1:-1])
+    np.add(h[:, 0], h[:, 1], out=out[:, 0])
+    np.add(h[:, -2], h[:, -1], out=out[:, -1])
+    out *= quarter
+    h *= half
+    out += h
+    return out
 
 
 def _quantise(img: np.ndarray) -> np.ndarray:
