@@ -119,3 +119,32 @@ def data(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         y = LinearNet()(x).argmax(dim=1)
     return x, y
+
+
+class BumpNet(nn.Module):
+    """Two classes on a (1, 1, 1) input x: ``z = (0, 1 - 4 (x - 1)^2)``, label 0.
+
+    Misclassified exactly for 0.5 < x < 1.5 and the cross-entropy peaks at x = 1. BIM with
+    step 0.8 from x = 0 visits 0.8 (adversarial), 1.6 (not), 0.8, 1.6, ...: with an even
+    number of steps the last iterate is not adversarial although iterate 1 was (silent
+    success, known in advance).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.flatten(1)[:, :1]
+        return torch.cat([torch.zeros_like(v), 1 - 4 * (v - 1) ** 2], dim=1)
+
+
+class RampNet(nn.Module):
+    """Two classes on a (1, 1, 1) input: ``z = (10, x)``. The cross-entropy of label 0 rises
+    steadily with x, and no x below 10 is misclassified: BIM with a budget < 10 fails while
+    its loss is still rising at the last step (incomplete optimisation) unless the budget
+    stops it early (then the loss plateaus)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.flatten(1)[:, :1]
+        return torch.cat([torch.full_like(v, 10.0), v], dim=1)
+
+
+def scalar_adapter(model: nn.Module, name: str) -> ModelAdapter:
+    return ModelAdapter(model, input_shape=(1, 1, 1), num_classes=2, name=name, device="cpu")

@@ -121,7 +121,8 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
         for i, (d, c) in enumerate(zip(data, colors, strict=True)):
             d = d[np.isfinite(d)]
             if d.size:
-                parts = ax.violinplot([d], positions=[i], showmedians=True, vert=False)
+                parts = ax.violinplot([d], positions=[i], showmedians=True,
+                                       orientation="horizontal")
                 for b in parts["bodies"]:
                     b.set_facecolor(c)
                     b.set_alpha(0.5)
