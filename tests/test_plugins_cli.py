@@ -320,3 +320,64 @@ def test_diagnose_takes_the_same_model_options(mnist_like, tmp_path):
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"Error: unknown output key 'nope' for model '{EXAMPLE}:build'")
+
+
+def _options_command():
+    import click
+
+    from robustcaps.commands._model_options import model_options
+
+    @click.command()
+    @model_options(default=("cnn",))
+    def cmd(models):
+        for m in models:
+            click.echo(f"{m.spec} {sorted(m.options.items())}")
+
+    return cmd
+
+
+def test_option_grouping_walks_the_command_line():
+    r = CliRunner().invoke(_options_command(), [
+        "--bounds", "0,1", "--model", "a", "--output-key=-1", "--model", "b.py:f",
+        "--input-shape", "1x8x8", "--bounds", "-1,1", "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "a [('bounds', (0.0, 1.0)), ('output_key', -1), ('trust_pickle', True)]",
+        "b.py:f [('bounds', (-1.0, 1.0)), ('input_shape', (1, 8, 8)), ('trust_pickle', True)]",
+    ]
+    r = CliRunner().invoke(_options_command(), ["--num-classes", "7"])  # applies to the default
+    assert r.output.splitlines() == ["cnn [('num_classes', 7)]"]
+
+
+def test_option_grouping_without_the_parser_hook(monkeypatch):
+    """If a future click hides its parser options, one model still works and several
+    models with adapter options are refused rather than guessed."""
+    import click
+
+    from robustcaps.commands import _model_options as mo
+
+    monkeypatch.setattr(mo._PositionalOption, "add_to_parser", click.Option.add_to_parser)
+    r = CliRunner().invoke(_options_command(), ["--model", "a", "--num-classes", "3"])
+    assert r.output.splitlines() == ["a [('num_classes', 3)]"]
+    r = CliRunner().invoke(_options_command(), ["--model", "a", "--model", "b", "--num-classes", "3"])
+    assert r.exit_code == 2 and "use a suite file" in r.output
+
+
+def test_probability_outputs_warn_once_and_use_log(mnist_like, tmp_path, caplog):
+    (tmp_path / "prob_net.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        def build():
+            torch.manual_seed(2)
+            return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10), nn.Softmax(dim=1))
+    """))
+    spec = f"{tmp_path / 'prob_net.py'}:build"
+    r = evaluate(["--model", spec, "--outputs", "probabilities"], mnist_like, tmp_path / "run")
+    import importlib.util as iu
+
+    s = iu.spec_from_file_location("prob_net_ref", tmp_path / "prob_net.py")
+    m = iu.module_from_spec(s)
+    s.loader.exec_module(m)
+    module = m.build()
+    _check_run(r, tmp_path / "run", lambda x: torch.log(module(x)), mnist_like, spec)
+    assert sum("outputs probabilities" in rec.getMessage() for rec in caplog.records) == 1
