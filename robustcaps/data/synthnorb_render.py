@@ -20,6 +20,8 @@ whatever the batch composition, so a view renders byte-identically alone or in a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .synthnorb_shapes import BOX, CYLINDER, ELLIPSOID, Shape
@@ -46,17 +48,26 @@ _PIXY = -_PIX  # Y for rows (image rows go down)
 _XY32 = (_PIXY[:, None] * _PIX[None, :]).astype(np.float32)  # (H, W)
 
 
+def _cos_sin(deg) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of angles in degrees via `math` (the same bits on every machine, unlike
+    NumPy's CPU-dispatched SIMD loops)."""
+    rad = [math.radians(float(x)) for x in np.asarray(deg, dtype=np.float64).reshape(-1)]
+    shape = np.shape(deg)
+    return (np.array([math.cos(r) for r in rad], dtype=np.float64).reshape(shape),
+            np.array([math.sin(r) for r in rad], dtype=np.float64).reshape(shape))
+
+
 def camera_frames(elev_deg: np.ndarray, az_deg: np.ndarray, cam: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Camera centre, forward, right and up vectors, each (V, 3) float64.
 
     ``cam`` is 0 (left) or 1 (right) camera of the stereo pair.
     """
-    e = np.deg2rad(np.asarray(elev_deg, dtype=np.float64))
-    a = np.deg2rad(np.asarray(az_deg, dtype=np.float64))
+    ce, se = _cos_sin(elev_deg)
+    ca, sa = _cos_sin(az_deg)
     k = np.asarray(cam, dtype=np.float64) - 0.5
-    view = np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], axis=-1)
-    right0 = np.stack([-np.sin(a), np.cos(a), np.zeros_like(a)], axis=-1)
+    view = np.stack([ce * ca, ce * sa, se], axis=-1)
+    right0 = np.stack([-sa, ca, np.zeros_like(ca)], axis=-1)
     centre = CAM_DIST * view + (k * BASELINE)[:, None] * right0
     dist = np.sqrt(centre[:, 0] ** 2 + centre[:, 1] ** 2 + centre[:, 2] ** 2)
     fwd = -centre / dist[:, None]
@@ -289,8 +300,8 @@ def shade(shape: Shape, az_deg: np.ndarray, flat: np.ndarray, nrm: np.ndarray, n
     normals are rotated into that frame once: n.(Rz(az) l) = (Rz(-az) n).l.
     """
     v = flat // (IMAGE_SIZE * IMAGE_SIZE)
-    a = np.deg2rad(np.asarray(az_deg, dtype=np.float64))
-    ca, sa = np.cos(a)[v], np.sin(a)[v]
+    ca, sa = _cos_sin(az_deg)
+    ca, sa = ca[v], sa[v]
     nx = (ca * nrm[:, 0] + sa * nrm[:, 1]).astype(np.float32)
     ny = (ca * nrm[:, 1] - sa * nrm[:, 0]).astype(np.float32)
     nz = nrm[:, 2].astype(np.float32)
@@ -300,9 +311,9 @@ def shade(shape: Shape, az_deg: np.ndarray, flat: np.ndarray, nrm: np.ndarray, n
         amb, bg, lights = LIGHTINGS[cond]
         val = np.full(len(flat), amb, dtype=np.float32)
         for laz, lel, inten in lights:
-            e, la = np.deg2rad(lel), np.deg2rad(laz)
-            lx, ly, lz = (np.float32(x) for x in (np.cos(e) * np.cos(la), np.cos(e) * np.sin(la),
-                                                   np.sin(e)))
+            e, la = math.radians(lel), math.radians(laz)
+            lx, ly, lz = (np.float32(x) for x in (math.cos(e) * math.cos(la),
+                                                   math.cos(e) * math.sin(la), math.sin(e)))
             lam = nx * lx + ny * ly + nz * lz
             np.maximum(lam, np.float32(0.0), out=lam)
             lam *= np.float32(inten)

@@ -13,6 +13,7 @@ generator seeded by ``(seed, c, i)`` only, so an instance is the same wherever i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,32 +38,53 @@ class Shape:
         return int(self.kind.shape[0])
 
 
+# Scalar maths via `math` and explicit 3-term sums (no BLAS, no SIMD transcendental loops):
+# instance geometry must come out bit-identical on every machine.
+
+def _norm(v) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    return math.sqrt(float(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]))
+
+
+def _cross(a, b) -> np.ndarray:
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
+def _mm(a: np.ndarray, b) -> np.ndarray:
+    """a (3,3) times b (3,3) or (3,), explicit sums."""
+    b = np.asarray(b, dtype=np.float64)
+    if b.ndim == 1:
+        return np.array([a[i, 0] * b[0] + a[i, 1] * b[1] + a[i, 2] * b[2] for i in range(3)])
+    return np.array([[a[i, 0] * b[0, j] + a[i, 1] * b[1, j] + a[i, 2] * b[2, j] for j in range(3)]
+                     for i in range(3)])
+
+
 def _rot_z(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
+    a = math.radians(deg)
+    c, s = math.cos(a), math.sin(a)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _rot_y(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
+    a = math.radians(deg)
+    c, s = math.cos(a), math.sin(a)
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
 def _rot_x(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
+    a = math.radians(deg)
+    c, s = math.cos(a), math.sin(a)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
 def _frame_z(direction: np.ndarray) -> np.ndarray:
     """A rotation whose third column (local z) is ``direction`` (normalised)."""
     z = np.asarray(direction, dtype=np.float64)
-    z = z / np.linalg.norm(z)
+    z = z / _norm(z)
     helper = np.array([0.0, 0.0, 1.0]) if abs(z[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    x = np.cross(helper, z)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
+    x = _cross(helper, z)
+    x /= _norm(x)
+    y = _cross(z, x)
     return np.stack([x, y, z], axis=1)
 
 
@@ -84,7 +106,7 @@ class _Builder:
         """A primitive spanning segment p0-p1 (local z along it), cross-section radius."""
         p0, p1 = np.asarray(p0, dtype=np.float64), np.asarray(p1, dtype=np.float64)
         d = p1 - p0
-        length = float(np.linalg.norm(d))
+        length = _norm(d)
         r2 = radius if radius2 is None else radius2
         self.add(kind, (p0 + p1) / 2, (radius, r2, length / 2 * overlap), _frame_z(d))
 
@@ -98,11 +120,12 @@ class _Builder:
         half = np.stack(self.half)
         # World-axis half-extents of each primitive (exact for boxes/ellipsoids, bound for cylinders).
         a = np.abs(rot) * half[:, None, :]  # (P, 3 world, 3 local)
-        ext = np.where((kind == ELLIPSOID)[:, None], np.sqrt((a**2).sum(-1)), a.sum(-1))
+        sq = a[..., 0] * a[..., 0] + a[..., 1] * a[..., 1] + a[..., 2] * a[..., 2]
+        ext = np.where((kind == ELLIPSOID)[:, None], np.sqrt(sq), a[..., 0] + a[..., 1] + a[..., 2])
         lo = (center - ext).min(0)
         hi = (center + ext).max(0)
         mid = (lo + hi) / 2
-        scale = OBJECT_RADIUS / float(np.linalg.norm((hi - lo) / 2))
+        scale = OBJECT_RADIUS / _norm((hi - lo) / 2)
         return Shape(kind, (center - mid) * scale, rot, half * scale, albedo)
 
 
@@ -119,28 +142,28 @@ def _animal(rng: np.random.Generator) -> _Builder:
     for sx in (1, -1):
         for sy in (1, -1):
             top = np.array([sx * body_l * 0.68, sy * body_w * 0.55, body_z])
-            foot = top + np.array([sx * np.tan(np.deg2rad(splay)) * leg_len, 0, -body_z])
+            foot = top + np.array([sx * math.tan(math.radians(splay)) * leg_len, 0, -body_z])
             b.limb(top, foot, leg_r, overlap=1.05)
-    neck_angle = np.deg2rad(rng.uniform(15.0, 70.0))
+    neck_angle = math.radians(rng.uniform(15.0, 70.0))
     neck_len = rng.uniform(0.18, 0.55)
     neck_r = rng.uniform(0.06, 0.1)
     n0 = np.array([body_l * 0.78, 0, body_z + body_h * 0.25])
-    n1 = n0 + neck_len * np.array([np.cos(neck_angle), 0, np.sin(neck_angle)])
+    n1 = n0 + neck_len * np.array([math.cos(neck_angle), 0, math.sin(neck_angle)])
     b.limb(n0, n1, neck_r, overlap=1.2)
     head_l = rng.uniform(0.13, 0.22)
     head_w = rng.uniform(0.07, 0.11)
     head_pitch = rng.uniform(-35.0, 5.0)
-    hc = n1 + _rot_y(-head_pitch) @ np.array([head_l * 0.6, 0, 0])
+    hc = n1 + _mm(_rot_y(-head_pitch), [head_l * 0.6, 0, 0])
     b.add(ELLIPSOID, hc, (head_l, head_w, head_w * 1.05), _rot_y(-head_pitch))
     ear_len = rng.uniform(0.04, 0.11)
     for sy in (1, -1):
         e0 = n1 + np.array([0.0, sy * head_w * 0.6, head_w * 0.6])
         b.limb(e0, e0 + np.array([-0.02, sy * 0.02, ear_len]), head_w * 0.3, overlap=1.0,
                radius2=head_w * 0.15)
-    tail_angle = np.deg2rad(rng.uniform(-55.0, 35.0))
+    tail_angle = math.radians(rng.uniform(-55.0, 35.0))
     tail_len = rng.uniform(0.2, 0.5)
     t0 = np.array([-body_l * 0.9, 0, body_z + body_h * 0.35])
-    t1 = t0 + tail_len * np.array([-np.cos(tail_angle), 0, np.sin(tail_angle)])
+    t1 = t0 + tail_len * np.array([-math.cos(tail_angle), 0, math.sin(tail_angle)])
     b.limb(t0, t1, rng.uniform(0.025, 0.045), overlap=1.1)
     return b
 
@@ -160,9 +183,9 @@ def _human(rng: np.random.Generator) -> _Builder:
     b.add(ELLIPSOID, (0, 0, pelvis_z + 0.03), (torso_d * 0.95, hip_w + leg_r, 0.12))
     for sy, sgn in ((1, 1), (-1, -1)):
         hip = np.array([0, sy * hip_w, pelvis_z])
-        thigh_dir = _rot_x(-sy * spread) @ _rot_y(sgn * stride) @ np.array([0, 0, -1.0])
+        thigh_dir = _mm(_mm(_rot_x(-sy * spread), _rot_y(sgn * stride)), [0, 0, -1.0])
         knee_p = hip + thigh_dir * leg_len * 0.5
-        shin_dir = _rot_y(-knee) @ thigh_dir
+        shin_dir = _mm(_rot_y(-knee), thigh_dir)
         foot = knee_p + shin_dir * leg_len * 0.5
         b.limb(hip, knee_p, leg_r, overlap=1.15)
         b.limb(knee_p, foot, leg_r * 0.85, overlap=1.12)
@@ -179,9 +202,9 @@ def _human(rng: np.random.Generator) -> _Builder:
         swing = rng.uniform(-35.0, 35.0)
         elbow = rng.uniform(0.0, 60.0)
         shoulder = np.array([0, sy * (torso_w * 0.95), chest_z + torso_h * 0.7])
-        up_dir = _rot_y(swing) @ _rot_x(sy * abduct) @ np.array([0, 0, -1.0])
+        up_dir = _mm(_mm(_rot_y(swing), _rot_x(sy * abduct)), [0, 0, -1.0])
         elbow_p = shoulder + up_dir * arm_len * 0.5
-        fore_dir = _rot_y(-elbow) @ up_dir
+        fore_dir = _mm(_rot_y(-elbow), up_dir)
         hand = elbow_p + fore_dir * arm_len * 0.5
         b.limb(shoulder, elbow_p, arm_r, overlap=1.2)
         b.limb(elbow_p, hand, arm_r * 0.85, overlap=1.15)
@@ -202,8 +225,8 @@ def _airplane(rng: np.random.Generator) -> _Builder:
     wing_z = rng.uniform(-0.6, 0.6) * fus_r
     thick = 0.022
     for sy in (1, -1):
-        rot = _rot_z(sy * sweep) @ _rot_x(sy * dihedral)
-        c = np.array([wing_x, 0, z0 + wing_z]) + rot @ np.array([0, sy * span / 2, 0])
+        rot = _mm(_rot_z(sy * sweep), _rot_x(sy * dihedral))
+        c = np.array([wing_x, 0, z0 + wing_z]) + _mm(rot, [0, sy * span / 2, 0])
         b.add(BOX, c, (chord / 2, span / 2, thick), rot)
     # Horizontal stabilisers and the vertical fin at the tail.
     tail_x = -fus_l * 0.82
@@ -211,21 +234,21 @@ def _airplane(rng: np.random.Generator) -> _Builder:
     hs_chord = rng.uniform(0.1, 0.17)
     for sy in (1, -1):
         rot = _rot_z(sy * (sweep + 8.0))
-        c = np.array([tail_x, 0, z0 + fus_r * 0.2]) + rot @ np.array([0, sy * hs_span / 2, 0])
+        c = np.array([tail_x, 0, z0 + fus_r * 0.2]) + _mm(rot, [0, sy * hs_span / 2, 0])
         b.add(BOX, c, (hs_chord / 2, hs_span / 2, thick * 0.8), rot)
     fin_h = rng.uniform(0.2, 0.34)
     fin_c = rng.uniform(0.14, 0.24)
     fin_sweep = rng.uniform(15.0, 45.0)
     rot = _rot_y(fin_sweep)
-    c = np.array([tail_x + 0.03, 0, z0 + fus_r * 0.5]) + rot @ np.array([0, 0, fin_h / 2])
+    c = np.array([tail_x + 0.03, 0, z0 + fus_r * 0.5]) + _mm(rot, [0, 0, fin_h / 2])
     b.add(BOX, c, (fin_c / 2, thick * 0.8, fin_h / 2), rot)
     engines = int(rng.choice([0, 2, 4], p=[0.3, 0.5, 0.2]))
     eng_r = rng.uniform(0.045, 0.07)
     for k in range(engines // 2):
         frac = 0.35 + 0.3 * k
         for sy in (1, -1):
-            rot = _rot_z(sy * sweep) @ _rot_x(sy * dihedral)
-            p = np.array([wing_x, 0, z0 + wing_z]) + rot @ np.array([0, sy * span * frac, 0])
+            rot = _mm(_rot_z(sy * sweep), _rot_x(sy * dihedral))
+            p = np.array([wing_x, 0, z0 + wing_z]) + _mm(rot, [0, sy * span * frac, 0])
             b.add(ELLIPSOID, p + np.array([chord * 0.35, 0, -eng_r - thick]),
                   (eng_r * 2.6, eng_r, eng_r))
     return b
@@ -281,8 +304,8 @@ def _car(rng: np.random.Generator) -> _Builder:
     # Sloping windscreen and rear window: boxes rotated about y whose top edge meets the
     # roof's edge; their lower halves are hidden inside the body.
     for sx, slope in ((1, rng.uniform(30.0, 45.0)), (-1, rng.uniform(35.0, 70.0))):
-        beta = np.deg2rad(slope)
-        h = cab_h / (np.cos(beta) + np.sin(beta))
+        beta = math.radians(slope)
+        h = cab_h / (math.cos(beta) + math.sin(beta))
         b.add(BOX, (cab_x + sx * cab_l, 0, top), (h, cab_w, h), _rot_y(sx * slope))
     # Front and back bumpers make the silhouette car-like from the side.
     b.add(ELLIPSOID, (length * 0.98, 0, body_z + body_h * 0.3), (0.05, width * 0.95, body_h * 0.55))
