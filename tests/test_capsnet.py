@@ -164,3 +164,17 @@ def test_cuda_matches_cpu():
     model = create_model("capsnet-small").double().eval()
     x = torch.randn(3, 2, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), model.cpu()(x), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_routing_matches_eager():
+    torch.manual_seed(0)
+    eager = create_model("capsnet-small").eval()
+    comp = create_model("capsnet-small", compile_routing=True).eval()
+    comp.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 2, 32, 32, requires_grad=True)
+    a, b = eager(x), comp(x)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-5)

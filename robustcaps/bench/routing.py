@@ -87,6 +87,7 @@ def benchmark_routing(
     iterations: int = 3,
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
+    compile_routing: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per configuration: forward and forward+backward images/s and peak memory."""
     from ..models.registry import count_params, create_model
@@ -98,7 +99,7 @@ def benchmark_routing(
     rows = []
     for name in configs:
         torch.manual_seed(0)
-        model = create_model(name, iterations=iterations).to(device=dev, dtype=dtype).eval()
+        model = create_model(name, iterations=iterations, compile_routing=compile_routing).to(device=dev, dtype=dtype).eval()
         x = torch.randn(batch_size, 2, 32, 32, device=dev, dtype=dtype)
         y = torch.arange(batch_size, device=dev) % 5
 
@@ -115,11 +116,13 @@ def benchmark_routing(
         row: dict[str, Any] = {
             "model": name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "iterations": iterations, "params": count_params(model),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "compiled": compile_routing,
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
-            fn()  # warm-up (allocator, caches)
+            t0 = time.perf_counter()
+            fn()  # warm-up (allocator, caches; compilation with --compile)
             _sync(dev)
+            row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 2)
             times = []
             with _PeakMemory(dev) as mem:
                 for _ in range(repeats):
@@ -146,9 +149,11 @@ def benchmark_routing(
               help="Timed runs per figure (median reported).")
 @click.option("--model", "models", multiple=True, type=click.Choice(CONFIGS),
               help="Configuration(s) to run (default: both).")
+@click.option("--compile", "compile_routing", is_flag=True,
+              help="Route through torch.compile (warm-up then includes compilation).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,
-            models: tuple[str, ...], as_json: bool) -> None:
+            models: tuple[str, ...], compile_routing: bool, as_json: bool) -> None:
     """Capsule network forward and forward+backward (input gradient) images/s and memory."""
     if device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -156,12 +161,13 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
         devices = [device]
     rows = []
     for dev in devices:
-        rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats)
+        rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
+                                  compile_routing=compile_routing)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
-               f"median of {repeats}; peak memory: {rows[0]['memory_method']}")
+               f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
     header = (f"{'model':<14} {'device':<7} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
               f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11}")
     click.echo(header)

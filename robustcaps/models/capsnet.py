@@ -43,6 +43,11 @@ class CapsNet(nn.Module):
       (N, E, H, W, D); None for primary).
 
     Vector poses (``pose="vector"``) have 16 in place of every trailing (4, 4).
+
+    Options: ``iterations`` (1-10, default 3), ``coord_add`` (Coordinate Addition),
+    ``pose`` ("matrix" | "vector"), ``final_lambda`` (see em_routing), ``compile_routing``
+    (run the routing through ``torch.compile``: 4-6x faster on CPU after a one-off compile
+    of about a minute per input shape; numerically the same function).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class CapsNet(nn.Module):
         coord_add: bool = True,
         pose: str = "matrix",
         final_lambda: float = 1.0,
+        compile_routing: bool = False,
     ) -> None:
         super().__init__()
         if pose not in ("matrix", "vector"):
@@ -79,7 +85,8 @@ class CapsNet(nn.Module):
         self.pose, self.iterations, self.coord_add = pose, iterations, coord_add
         self.conv1 = nn.Conv2d(in_channels, A, kernel_size=5, stride=2)
         self.primary = PrimaryCaps(A, B)
-        kw: dict[str, Any] = dict(iterations=iterations, pose=pose, final_lambda=final_lambda)
+        kw: dict[str, Any] = dict(iterations=iterations, pose=pose, final_lambda=final_lambda,
+                                  compile_routing=compile_routing)
         self.convcaps1 = ConvCaps(B, C, 3, 2, **kw)
         self.convcaps2 = ConvCaps(C, D, 3, 1, **kw)
         self.classcaps = ClassCaps(D, num_classes, coord_add=coord_add, **kw)

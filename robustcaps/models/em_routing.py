@@ -206,6 +206,39 @@ def em_routing(
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
+_COMPILED: dict[str, object] = {}
+
+
+def routing_function(compiled: bool = False):
+    """:func:`em_routing`, or its ``torch.compile`` d version (fused kernels, CPU and CUDA).
+
+    Compilation happens on the first call for each input shape (about a minute on 2 CPU
+    cores) and pays off over the thousands of forward/backward passes of an attack: on a
+    2-core CPU it runs 4-6x faster than eager. If compiling fails (e.g. no C++ compiler, or
+    CUDA without Triton), the eager function is used after one warning.
+    """
+    if not compiled:
+        return em_routing
+    if "fn" not in _COMPILED:
+        compiled_fn = torch.compile(em_routing, dynamic=None)
+
+        def safe(*args, **kwargs):
+            if _COMPILED.get("failed"):
+                return em_routing(*args, **kwargs)
+            try:
+                return compiled_fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any backend failure falls back
+                import warnings
+
+                warnings.warn(f"torch.compile of EM routing failed ({type(exc).__name__}: "
+                              f"{exc}); using eager routing", stacklevel=2)
+                _COMPILED["failed"] = True
+                return em_routing(*args, **kwargs)
+
+        _COMPILED["fn"] = safe
+    return _COMPILED["fn"]
+
+
 # ---------------------------------------------------------------------------- layers
 def _pose_dims(pose: str) -> tuple[int, int, int]:
     """(rows, inner, cols) of one vote product: matrix (4, 4, 4), vector (1, 16, 16)."""
@@ -269,8 +302,10 @@ class ConvCaps(nn.Module):
         iterations: int = 3,
         pose: str = "matrix",
         final_lambda: float = 1.0,
+        compile_routing: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_routing = compile_routing
         rows, inner, cols = _pose_dims(pose)
         self.B, self.C, self.K, self.stride = in_types, out_types, kernel, stride
         self.iterations, self.pose, self.final_lambda = iterations, pose, final_lambda
@@ -309,7 +344,7 @@ class ConvCaps(nn.Module):
         pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
         votes = _votes(pt, self.weight, self.pose)  # (N, L, C, J, 16)
         a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
-        res = em_routing(
+        res = routing_function(self.compile_routing)(
             votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
             final_lambda=self.final_lambda, fold=fold,
             data_scale=fold.n_covered / (L * self.C),
@@ -341,8 +376,10 @@ class ClassCaps(nn.Module):
         pose: str = "matrix",
         coord_add: bool = True,
         final_lambda: float = 1.0,
+        compile_routing: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_routing = compile_routing
         _, inner, _ = _pose_dims(pose)
         self.D, self.E = in_types, num_classes
         self.iterations, self.pose, self.coord_add = iterations, pose, coord_add
@@ -369,7 +406,7 @@ class ClassCaps(nn.Module):
             votes = votes + add
         votes = votes.reshape(n, 1, self.E, hw * d, 16).contiguous()
         a_in = a.reshape(n, 1, hw * d)
-        res = em_routing(
+        res = routing_function(self.compile_routing)(
             votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
             final_lambda=self.final_lambda, fold=None, data_scale=hw * d / self.E,
         )
