@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 
-
 class TinyNet(nn.Module):
     """(N, 1, 8, 8) in [0, 1] -> (N, num_classes) logits; deterministic weights (seed 0)."""
 
