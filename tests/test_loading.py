@@ -450,3 +450,34 @@ def test_api_evaluate_and_diagnose_return_dataframes(tmp_path):
     assert list(d.stats["model"]) == ["example"]
     assert not d.verdicts.empty and d.paths == {}
     assert np.isfinite(d.stats["zero_fraction"]).all()
+
+
+def test_zoo_name_and_zoo_name_with_user_weights(tmp_path, monkeypatch):
+    """A zoo entry loads its own weights; ZOO@file keeps the card's architecture and bounds
+    but takes the user's weights."""
+    import json
+
+    from robustcaps.models.registry import create_model
+    from robustcaps.utils import sha256_file
+
+    torch.manual_seed(0)
+    zoo_module = create_model("cnn", num_classes=10, input_shape=(1, 28, 28)).eval()
+    user_module = create_model("cnn", num_classes=10, input_shape=(1, 28, 28)).eval()
+    entry = tmp_path / "zoo" / "cnn-test"
+    entry.mkdir(parents=True)
+    torch.save(zoo_module.state_dict(), entry / "weights.pt")
+    card = {"name": "cnn-test", "arch": "cnn", "arch_kwargs": {}, "num_classes": 10,
+            "input_shape": [1, 28, 28], "bounds": [0, 1], "weights": "weights.pt",
+            "sha256": sha256_file(entry / "weights.pt")}
+    (entry / "card.json").write_text(json.dumps(card))
+    user = tmp_path / "user.pt"
+    torch.save(user_module.state_dict(), user)
+    monkeypatch.setenv("ROBUSTCAPS_ZOO", str(tmp_path / "zoo"))
+    x = torch.rand(3, 1, 28, 28)
+    a = load_model("cnn-test", device="cpu")
+    assert (a.name, a.bounds, a.input_shape) == ("cnn-test", (0.0, 1.0), (1, 28, 28))
+    torch.testing.assert_close(a.scores(x), zoo_module(x))
+    b = load_model(f"cnn-test@{user}", device="cpu")
+    assert b.bounds == (0.0, 1.0)
+    torch.testing.assert_close(b.scores(x), user_module(x))
+    assert not torch.allclose(a.scores(x), b.scores(x))

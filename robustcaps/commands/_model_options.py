@@ -79,7 +79,9 @@ class ModelRequest:
             warnings.simplefilter("always")
             adapter = load_model(self.spec, defaults=defaults, **{**self.options, **extra})
         for w in caught:
-            log.warning("%s: %s", self.spec, w.message)
+            # Library deprecation notices are hidden by default in Python; keep it so.
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+                log.warning("%s: %s", self.spec, w.message)
         return adapter
 
     @classmethod

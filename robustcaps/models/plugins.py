@@ -31,6 +31,7 @@ import inspect
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -337,7 +338,10 @@ def load_torchscript(path: Path, *, device: torch.device, trust_pickle: bool = F
         raise ModelLoadError(f"model file not found: {path}")
     if is_torchscript_file(path):
         try:
-            return torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():
+                # torch >= 2.9 deprecates TorchScript; loading existing archives still works.
+                warnings.filterwarnings("ignore", message=".*torch.jit", category=DeprecationWarning)
+                return torch.jit.load(str(path), map_location=device)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load TorchScript file {path}: {_first_line(exc)}") from exc
     if _zip_names(path) is None and not trust_pickle:
