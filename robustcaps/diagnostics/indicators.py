@@ -405,7 +405,8 @@ def add_transfer(runs: dict[str, AttackRuns], adapters: list[ModelAdapter], x: t
                 continue
             tgt.transfer[src_name] = evaluate_on(by_name[tgt_name], src.bim, x.cpu(), src_name,
                                                  batch_size)
-            tgt.source_success[src_name] = src.bim.success
+            # genuinely adversarial on the source: correct before, wrong after
+            tgt.source_success[src_name] = src.bim.success & src.clean_correct[None]
 
 
 # ---------------------------------------------------------------------------- verdicts

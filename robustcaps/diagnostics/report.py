@@ -77,6 +77,8 @@ def _plt():
 def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
     """Draw the four figures into ``out``; returns {kind: path}."""
     plt, sns = _plt()
+    import matplotlib
+    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
     models = [m["name"] for m in result.config["models"]]
     palette = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
     paths: dict[str, Path] = {}
@@ -85,14 +87,16 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     zf = result.stats.set_index("model")["zero_fraction"]
     drawn = False
+    allv = np.concatenate([v[np.isfinite(v)] for v in result.log10_abs.values()] or [np.zeros(0)])
+    bins = np.linspace(allv.min(), allv.max() + 1e-9, 100) if allv.size else 10
     for m in models:
         v = result.log10_abs.get(m, np.zeros(0))
         v = v[np.isfinite(v)]
         label = f"{m} (exact zeros: {100 * zf[m]:.1f}%)"
         if v.size:
-            ax.hist(v, bins=80, density=True, histtype="stepfilled", alpha=0.35,
+            ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.35,
                     color=palette[m], label=label)
-            ax.hist(v, bins=80, density=True, histtype="step", color=palette[m])
+            ax.hist(v, bins=bins, density=True, histtype="step", color=palette[m])
             drawn = True
         else:
             ax.plot([], [], color=palette[m], label=f"{m}: every entry is exactly 0")
@@ -178,9 +182,15 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
             ax = axes[0, j]
             d = cu[cu["model"] == m]
             for attack, g in d.groupby("attack", sort=False):
-                style = {"fgsm": "o-", "bim": "s-", "random": "x--"}.get(attack, "d:")
-                ax.plot(g["epsilon"], 100 * g["success_rate"], style, label=attack)
+                style = {"fgsm": "o--", "bim": "s-", "random": "x:"}.get(attack, "d-.")
+                ax.plot(g["epsilon"], 100 * g["success_rate"], style, label=attack,
+                        markerfacecolor="none" if attack == "fgsm" else None,
+                        markersize=9 if attack == "fgsm" else 6)
             ax.set_xscale("log")
+            ticks = sorted(d["epsilon"].unique())
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}" for t in ticks]))
             ax.set_title(m)
             ax.set_xlabel("epsilon (L-inf, input units)")
             ax.set_ylim(-3, 103)
@@ -241,8 +251,9 @@ def conclusion(result: DiagnosticsResult, model: str) -> str:
         if isinstance(ratio, float) and math.isfinite(ratio):
             word = "smaller" if ratio < 0 else "larger"
             parts.append(f"Its median L1 gradient norm is {abs(ratio):.1f} orders of magnitude {word} "
-                         f"than {r['reference']}'s (paper: capsules 2 orders smaller than the CNN; "
-                         "Brendel & Bethge's masked model: 16).")
+                         f"than {r['reference']}'s.")
+        elif isinstance(ratio, float) and ratio == -math.inf:
+            parts.append(f"Its gradients are zero where {r['reference']}'s are not.")
     parts.append(f"Clean accuracy on these samples: {_fmt(st['clean_accuracy'], 'pct')}.")
     return " ".join(parts)
 
