@@ -328,6 +328,42 @@ def test_ensure_generated_caches_and_detects_incomplete(monkeypatch, tmp_path):
     assert calls[-1][2] == ("testing",)
 
 
+def test_concurrent_ensure_generated_renders_once(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    from robustcaps.data.smallnorb import create_matrix
+
+    calls = []
+
+    def slow_generate(out_dir, seed=0, splits=S.SPLITS, progress=True, workers=None):
+        calls.append(tuple(splits))
+        time.sleep(0.3)
+        for split in splits:
+            paths = S._paths(Path(out_dir), split)
+            create_matrix(paths["dat"], np.uint8, (24300, 2, 96, 96))
+            create_matrix(paths["cat"], np.int32, (24300,))
+            create_matrix(paths["info"], np.int32, (24300, 4))
+        return []
+
+    monkeypatch.setattr(S, "generate", slow_generate)
+    threads = [threading.Thread(target=S.ensure_generated, args=(tmp_path,),
+                                kwargs={"splits": ("testing",), "progress": False}) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [("testing",)]
+
+
+def test_generate_refuses_without_disk_space(monkeypatch, tmp_path):
+    import shutil
+
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9 - 5, 5))
+    with pytest.raises(RobustcapsError, match="not enough disk space"):
+        S.generate(tmp_path, splits=("testing",), progress=False)
+
+
 def test_contact_sheet(tmp_path):
     path = S.contact_sheet(tmp_path / "sheet.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

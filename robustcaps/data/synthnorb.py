@@ -23,7 +23,9 @@ per-image noise), so :func:`render_subset` returns exactly the rows of the full 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
@@ -247,6 +249,11 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Iterable[str] = 
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RobustcapsError(f"cannot create SynthNORB folder {out_dir}: {exc.strerror}") from None
+    need = len(splits) * sum(_SIZES.values())
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise RobustcapsError(f"not enough disk space in {out_dir} for SynthNORB: "
+                              f"{need / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free")
     written: list[Path] = []
     per_split = N_CATEGORIES * N_INSTANCES
     blocks = iter_render_objects(object_tasks(splits), seed, workers)
@@ -261,9 +268,13 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Iterable[str] = 
                     dat[o * PAIRS_PER_INSTANCE:(o + 1) * PAIRS_PER_INSTANCE] = next(blocks)
                     bar.update(2 * PAIRS_PER_INSTANCE)
                 cat, info = metadata(split)
-                write_matrix(paths["cat"], cat)
-                write_matrix(paths["info"], info)
-                write_matrix(paths["dat"], dat)
+                try:
+                    write_matrix(paths["cat"], cat)
+                    write_matrix(paths["info"], info)
+                    write_matrix(paths["dat"], dat)
+                except OSError as exc:
+                    raise RobustcapsError(f"cannot write SynthNORB files to {out_dir}: "
+                                          f"{exc.strerror or exc}") from None
                 written += [paths["dat"], paths["cat"], paths["info"]]
                 del dat
         finally:
@@ -280,10 +291,34 @@ def ensure_generated(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     are not rendered again.
     """
     folder = cache_dir_for(cache_dir, seed)
-    missing = [s for s in dict.fromkeys(_split(s) for s in splits) if not is_generated(folder, [s])]
-    if missing:
-        generate(folder, seed=seed, splits=missing, progress=progress, workers=workers)
+    wanted = list(dict.fromkeys(_split(s) for s in splits))
+    if all(is_generated(folder, [s]) for s in wanted):
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RobustcapsError(f"cannot create SynthNORB cache {folder}: {exc.strerror}") from None
+    with _lock(folder / ".generate.lock"):  # a concurrent process may be generating it
+        missing = [s for s in wanted if not is_generated(folder, [s])]
+        if missing:
+            generate(folder, seed=seed, splits=missing, progress=progress, workers=workers)
     return folder
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory file lock (POSIX); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -- contact sheet --------------------------------------------------------------------------------
