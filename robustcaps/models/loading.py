@@ -72,6 +72,8 @@ def _build_named(name: str, options: Mapping[str, Any], *, for_weights: bool) ->
     if name in plugins.entry_points():
         factory = plugins.load_entry_point(name)
         return plugins.call_factory(factory, f"entry point {name}", arch_opts)
+    if Path(name).is_file():
+        raise ModelLoadError(f"unknown model {name!r}; to load the file of that name, write ./{name}")
     raise ModelLoadError(
         f"unknown model {name!r}; known names: {', '.join(known_names()) or 'none'} "
         "(or use package.module:FACTORY, path/to/file.py:FACTORY, a TorchScript .pt file, "

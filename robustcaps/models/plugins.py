@@ -120,10 +120,12 @@ def parse_spec(spec: str) -> ModelSpec:
         raise ModelLoadError(
             f"model spec {text!r} names a Python file but no factory: use {text}:FACTORY"
         )
-    if _looks_like_path(text) or Path(text).is_file():
+    if _looks_like_path(text):
         return ModelSpec(text, "torchscript", path=Path(text))
-    if _NAME_SPEC.fullmatch(text):
+    if _NAME_SPEC.fullmatch(text):  # a bare word is a name even if a file has it (use ./NAME)
         return ModelSpec(text, "name", name=text)
+    if Path(text).is_file():
+        return ModelSpec(text, "torchscript", path=Path(text))
     raise ModelLoadError(
         f"cannot parse model spec {text!r}: expected NAME, package.module:FACTORY, "
         "path/to/file.py:FACTORY, path/to/model.pt (TorchScript) or NAME@path/to/weights.pt"
