@@ -459,11 +459,9 @@ def evaluate(
     if resume and out is None:
         raise RobustcapsError("resume needs the run directory to continue (--out DIR)")
     batch_size = batch_size or DEFAULT_BATCH_SIZE
-    if n_samples is None:
+    n_defaulted = n_samples is None
+    if n_defaulted:
         n_samples = default_n_samples(attacks, modes)
-        say(f"n-samples: {n_samples} (default for attack {'+'.join(attacks)}, "
-            f"{'+'.join('targeted' if m else 'untargeted' for m in modes)}; "
-            "change with --n-samples)")
     dev = resolve_device(device)
     seed_everything(seed)
 
@@ -474,7 +472,17 @@ def evaluate(
         options["loss"] = loss
 
     # ---- data
-    data = _load_data(dataset, split, n_samples, seed, data_dir, progress)
+    try:
+        data = _load_data(dataset, split, n_samples, seed, data_dir, progress)
+    except RobustcapsError as exc:
+        if not (n_defaulted and "exceeds" in str(exc)):
+            raise
+        data = _load_data(dataset, split, None, seed, data_dir, progress)  # all there is
+    if n_defaulted:
+        n_samples = int(data.x.shape[0])
+        say(f"n-samples: {n_samples} (default for attack {'+'.join(attacks)}, "
+            f"{'+'.join('targeted' if m else 'untargeted' for m in modes)}; "
+            "change with --n-samples)")
     if data.x.shape[0] == 0:
         raise RobustcapsError("the dataset selection is empty")
     units_text = eps_units(data.bounds)
