@@ -19,7 +19,7 @@ from robustcaps.errors import RobustcapsError
 # sha256 of dat bytes + cat bytes + info bytes of render_subset("training", PINNED_ROWS, seed=0).
 # Changes only when the rendering changes; then bump RENDERER_VERSION and re-pin.
 PINNED_ROWS = [0, 1, 977, 5000, 9999, 12345, 17000, 24299]
-PINNED_SHA256 = "8287a867a44c2a85f133a82b4556af78dfdb86f358a967cdb43b4c832355505c"
+PINNED_SHA256 = "d6400b970d52cb6b8efb73c546b739dcd35ac04bc29034bc64a4d59fe9e24987"
 
 
 def row(c: int, p: int, e: int, a: int, light: int) -> int:
@@ -237,7 +237,7 @@ def test_cast_matches_reference(category, instance):
     depth, prim = R.cast(shape, *frames)
     for v in range(3):
         ref_d, ref_p = _reference_cast(shape, *(f[v] for f in frames))
-        assert (ref_p >= 0).sum() > 300
+        assert (ref_p >= 0).sum() > 150  # the object is in view
         hit, ref_hit = prim[v] >= 0, ref_p >= 0
         assert (hit == ref_hit).mean() > 0.998  # silhouettes (a rim pixel may round apart)
         both = hit & ref_hit

@@ -38,7 +38,7 @@ from .synthnorb_render import IMAGE_SIZE, N_LIGHTINGS, render_views
 from .synthnorb_shapes import CATEGORY_NAMES, make_shape
 
 #: Bump whenever a change alters any rendered byte; it keys the cache.
-RENDERER_VERSION = "2"
+RENDERER_VERSION = "3"
 SPLITS = ("training", "testing")
 INSTANCES = {"training": (4, 6, 7, 8, 9), "testing": (0, 1, 2, 3, 5)}
 N_CATEGORIES = 5

@@ -28,7 +28,7 @@ from .synthnorb_shapes import BOX, CYLINDER, ELLIPSOID, Shape
 
 IMAGE_SIZE = 96
 CAM_DIST = 6.0
-FOCAL = 280.0  # pixels
+FOCAL = 240.0  # pixels: objects stay mostly inside the central 64x64 (the paper's crop)
 BASELINE = 0.36  # stereo baseline in object units (about 3.4 degrees of vergence)
 
 # Lighting conditions: (ambient, background, [(azimuth rel. to camera, elevation, intensity)]).
