@@ -144,7 +144,7 @@ def test_em_routing_single_cluster_recovered():
     votes = torch.randn(n, L, C, J, H) * 3
     votes[0, 0, 0] = target + 1e-3 * torch.randn(J, H)
     a = torch.ones(n, L, J)
-    res = em_routing(votes, a, torch.zeros(C), torch.zeros(C), iterations=3)
+    res = em_routing(votes, a, torch.zeros(C), torch.zeros(C), iterations=3, final_lambda=1.0)
     torch.testing.assert_close(res.poses[0, 0, 0], target, atol=1e-2, rtol=0)
     assert res.logits[0, 0, 0] > res.logits[0, 0, 1] + 10
     assert (res.R[0, 0, 0] > 0.99).all()

@@ -63,7 +63,7 @@ class CapsNet(nn.Module):
         iterations: int = 3,
         coord_add: bool = True,
         pose: str = "matrix",
-        final_lambda: float = 1.0,
+        final_lambda: float = 0.01,
         compile_routing: bool = False,
     ) -> None:
         super().__init__()
