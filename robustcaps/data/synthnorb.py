@@ -19,6 +19,17 @@ instance from a generator seeded by ``(seed, category, instance)``
 (:mod:`.synthnorb_shapes`), ray-cast with a depth test and matte shading
 (:mod:`.synthnorb_render`). Image ``i`` depends only on ``(split, i, seed)`` (there is no
 per-image noise), so :func:`render_subset` returns exactly the rows of the full files.
+
+Rendering: pinhole cameras 6 object radii away (focal 240 px), converged on the object,
+0.36 radii apart (about 3.4 degrees of vergence) for the stereo pair; azimuth turns the
+turntable (the lights turn with the cameras, as in a fixed studio), elevation raises both
+cameras. Matte (Lambertian) objects with ambient light, 6 lighting conditions of one or two
+directional lights, a plain background whose grey level depends on the lighting, and a
+[1,2,1]/4 blur for the optics. Full generation takes well under a minute on 2 cores
+(``robustcaps bench data``); the files take 0.9 GB.
+
+Cache: :func:`ensure_generated` writes into ``<cache>/synthnorb-r<RENDERER_VERSION>-seed<seed>``
+with ``<cache>`` = ``$ROBUSTCAPS_CACHE`` or ``~/.cache/robustcaps`` (:func:`default_cache_dir`).
 """
 
 from __future__ import annotations
@@ -51,8 +62,8 @@ AZIMUTHS_DEG = 20 * np.arange(N_AZIMUTHS)
 PAIRS_PER_INSTANCE = N_ELEVATIONS * N_AZIMUTHS * N_LIGHTINGS  # 972
 __all__ = [
     "CATEGORY_NAMES", "RENDERER_VERSION", "SPLITS", "N_PAIRS", "metadata", "render_subset",
-    "render_instance", "object_tasks", "iter_render_objects", "generate", "default_cache_dir", "cache_dir_for", "is_generated",
-    "ensure_generated", "contact_sheet",
+    "render_instance", "object_tasks", "iter_render_objects", "generate", "default_cache_dir",
+    "cache_dir_for", "is_generated", "ensure_generated", "contact_sheet",
 ]
 
 
