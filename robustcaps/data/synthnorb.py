@@ -39,7 +39,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import current_process, get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +228,7 @@ def iter_render_objects(tasks: Sequence[tuple[str, int, int]], seed: int = 0,
     if workers < 1:
         raise RobustcapsError(f"invalid number of workers {workers}: use 1 or more")
     jobs = [(s, c, p, seed) for s, c, p in tasks]
-    if workers == 1 or len(jobs) <= 1:
+    if workers == 1 or len(jobs) <= 1 or current_process().daemon:  # daemons cannot fork workers
         yield from map(_render_task, jobs)
         return
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_mp_context())
