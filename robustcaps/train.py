@@ -112,6 +112,7 @@ class TrainConfig:
     stop_at_error: float | None = None
     stop_on: str = "test"
     eval_every_steps: int | None = None
+    eval_samples: int | None = None  # evaluations during training on this many test/val images
     multi_crop: bool = True
     checkpoint_every: int | None = None
     time_limit: float | None = None
@@ -144,7 +145,7 @@ class TrainConfig:
         if not 0 <= self.margin_start <= self.margin_end:
             bad(f"spread margins must satisfy 0 <= start <= end, got {self.margin_start}, {self.margin_end}")
         for key in ("max_train_samples", "max_test_samples", "steps_per_epoch", "eval_every_steps",
-                    "checkpoint_every", "stop_after_steps"):
+                    "eval_samples", "checkpoint_every", "stop_after_steps"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 bad(f"{key.replace('_', '-')} must be >= 1, got {v}")
@@ -195,6 +196,7 @@ class TrainConfig:
             "max_train_samples": "--max-train-samples", "max_test_samples": "--max-test-samples",
             "steps_per_epoch": "--steps-per-epoch", "val_fraction": "--val-fraction",
             "stop_at_error": "--stop-at-error", "eval_every_steps": "--eval-every-steps",
+            "eval_samples": "--eval-samples",
             "checkpoint_every": "--checkpoint-every",
         }
         for key, flag in flags.items():
@@ -441,7 +443,8 @@ class _Evaluator:
         return torch.cat(preds)
 
     def error(self, split: Split, multi: bool = False) -> float:
-        return float((self.predict(split.x, multi) != split.y).float().mean())
+        """Error rate (wrong / N, exact) on a split."""
+        return int((self.predict(split.x, multi) != split.y).sum()) / len(split.y)
 
 
 # -------------------------------------------------------------------------------- train
@@ -560,6 +563,7 @@ class Trainer:
         self._t_mark = time.monotonic()
         self.status = "running"
         self.stop_reason: str | None = None
+        self._eval_cache: dict[str, Split] = {}
 
     # -------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -691,13 +695,26 @@ class Trainer:
             "train_acc": st["correct"] / max(1, st["count"]),
             "lr": self.lr_at(max(0, self.global_step - 1)),
             "margin": self.margin_at(max(0, self.global_step - 1)) if self.loss_name == "spread" else None,
-            "test_error": self.evaluator.error(self.data.test),
-            "val_error": self.evaluator.error(self.data.val) if self.data.val is not None else None,
+            "test_error": self.evaluator.error(self._eval_subset(self.data.test)),
+            "val_error": (self.evaluator.error(self._eval_subset(self.data.val))
+                          if self.data.val is not None else None),
+            "eval_samples": len(self._eval_subset(self.data.test).y),
         }
         self._tick()
         row["train_time_s"] = round(self.train_time_s, 2)
         self.history.append(row)
         return row
+
+    def _eval_subset(self, split: Split) -> Split:
+        """The images evaluated during training: all, or ``eval_samples`` of a fixed permutation."""
+        n = self.cfg.eval_samples
+        if n is None or n >= len(split.y):
+            return split
+        if split.name not in self._eval_cache:
+            idx = torch.from_numpy(np.random.default_rng(
+                np.random.SeedSequence([self.cfg.data_seed, 4243])).permutation(len(split.y))[:n])
+            self._eval_cache[split.name] = _subset(split, idx, split.name)
+        return self._eval_cache[split.name]
 
     def _report(self, row: dict[str, Any], echo: Callable[[str], None]) -> None:
         msg = (f"epoch {row['epoch_fraction']:.2f}/{self.cfg.epochs}  step {row['step']}  "
@@ -723,7 +740,7 @@ class Trainer:
     def write_metrics(self) -> Path:
         path = self.out / "metrics.csv"
         cols = ["epoch", "step", "epoch_fraction", "train_loss", "train_acc", "lr", "margin",
-                "test_error", "val_error", "train_time_s"]
+                "test_error", "val_error", "eval_samples", "train_time_s"]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
@@ -825,10 +842,15 @@ class Trainer:
         from .models.zoo import write_card
 
         cfg, data = self.cfg, self.data
-        center = self.evaluator.error(data.test)
+        last = self.history[-1] if self.history else None
+        if last is not None and last["step"] == self.global_step and self.cfg.eval_samples is None:
+            # just evaluated on the same images: reuse
+            center, val = last["test_error"], last["val_error"]
+        else:
+            center = self.evaluator.error(data.test)
+            val = self.evaluator.error(data.val) if data.val is not None else None
         multi_ok = cfg.multi_crop and tuple(data.test.x.shape[-2:]) != tuple(self.input_shape[1:])
         multi = self.evaluator.error(data.test, multi=True) if multi_ok else None
-        val = self.evaluator.error(data.val) if data.val is not None else None
         weights = self.out / "weights.pt"
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         _atomic_torch_save(state, weights)
@@ -879,7 +901,7 @@ class Trainer:
                 "augment": self.augment, "grad_clip": cfg.grad_clip,
                 "steps_per_epoch": self.batches_per_epoch,
                 "max_train_samples": cfg.max_train_samples,
-                "max_test_samples": cfg.max_test_samples,
+                "max_test_samples": cfg.max_test_samples, "eval_samples": cfg.eval_samples,
                 "data_seed": cfg.data_seed,
             },
             "versions": {"robustcaps": __version__, "torch": torch.__version__},

@@ -79,6 +79,23 @@ def test_resume_mid_epoch_and_across_epochs_equals_uninterrupted(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_capsnet_spread_loss_run_resumes_exactly(tmp_path):
+    # The EM-routing network with the spread loss and its margin schedule, tiny widths.
+    caps = dict(arch_kwargs={"A": 8, "B": 4, "C": 4, "D": 4, "iterations": 2}, batch_size=8,
+                train_data=toy(24, 0), test_data=toy(8, 1))
+    full = train("capsnet-small", epochs=2, out=tmp_path / "full", seed=0, progress=False, **caps)
+    assert full["card"]["training"]["loss"] == "spread" and full["card"]["outputs"] == "capsule_logits"
+    assert full["card"]["params"] == sum(v.numel() for v in weights(tmp_path / "full").values())
+    part = train("capsnet-small", epochs=2, out=tmp_path / "part", seed=0, progress=False,
+                 stop_after_steps=2, **caps)
+    assert part["status"] == "paused"
+    train("capsnet-small", epochs=2, out=tmp_path / "part", seed=0, progress=False, resume=True,
+          **caps)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["card"]["test_error"] == json.loads((tmp_path / "part" / "card.json").read_text())["test_error"]
+
+
 def test_checkpoint_every_steps_allows_resume_after_a_crash(tmp_path):
     full = run(tmp_path / "full", epochs=1)
     calls = []
@@ -162,6 +179,16 @@ def test_stop_at_error_on_validation(tmp_path):
     assert vals[-1] <= 0.34 and all(v > 0.34 for v in vals[:-1])
     assert res["global_step"] < 6 * 5
     assert "val error" in res["card"]["stop_reason"]
+
+
+def test_eval_samples_limits_evaluations_during_training_not_the_final_error(tmp_path):
+    res = run(tmp_path / "e", eval_samples=20, val_fraction=0.25)
+    assert [r["eval_samples"] for r in res["history"]] == [20, 20]
+    card = res["card"]
+    assert card["n_test"] == 48 and card["training"]["eval_samples"] == 20
+    # The final error is over all 48 test images: a multiple of 1/48, re-evaluated at the end.
+    assert card["test_error"]["center"] * 48 == pytest.approx(round(card["test_error"]["center"] * 48))
+    assert "--eval-samples 20" in TrainConfig(model="cnn", out="o", eval_samples=20).command_line()
 
 
 def test_spread_loss_margin_grows_linearly(tmp_path):

@@ -65,6 +65,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               show_default=True, help="Split watched by --stop-at-error.")
 @click.option("--eval-every-steps", type=click.IntRange(min=1), default=None,
               help="Also evaluate (and check --stop-at-error) every this many steps.")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None,
+              help="Evaluations during training use this many test (and val) images; the final "
+              "test error uses the whole test split.")
 @click.option("--no-multi-crop", is_flag=True, help="Skip the final multi-crop test error.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS",
               help="Also checkpoint every this many steps (resume mid-epoch exactly).")
