@@ -516,12 +516,20 @@ class Trainer:
 
     # -------------------------------------------------------------------- set-up
     def _check_out(self) -> None:
+        """Refuse to clobber a run or a zoo entry unless told; --overwrite clears the old files."""
         cfg = self.cfg
-        if self.ckpt_path.is_file() and not (cfg.resume or cfg.overwrite):
-            raise RobustcapsError(f"{self.out} already holds a training run; pass --resume to "
-                                  "continue it or --overwrite to start again")
-        if cfg.resume and not self.ckpt_path.is_file():
-            raise RobustcapsError(f"nothing to resume: {self.ckpt_path} does not exist")
+        if cfg.resume:
+            if not self.ckpt_path.is_file():
+                raise RobustcapsError(f"nothing to resume: {self.ckpt_path} does not exist")
+            return
+        old = [p for p in (self.ckpt_path, self.out / "weights.pt", self.out / "card.json",
+                           self.out / "card.md", self.out / "metrics.csv") if p.is_file()]
+        if old and not cfg.overwrite:
+            what = "a training run" if self.ckpt_path in old else "a model (weights or card)"
+            raise RobustcapsError(f"{self.out} already holds {what}; pass --resume to continue "
+                                  "a run or --overwrite to start again")
+        for p in old:  # a fresh run must not leave a stale card or checkpoint behind
+            p.unlink()
 
     def _setup(self) -> None:
         from .models.registry import create_model

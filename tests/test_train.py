@@ -205,6 +205,13 @@ def test_bad_resumes_and_options(tmp_path):
         run(tmp_path / "r", epochs=1)
     with pytest.raises(RobustcapsError, match="epochs"):
         run(tmp_path / "r", epochs=3, resume=True)
+    (tmp_path / "r" / "checkpoints" / "last.pt").unlink()  # a committed zoo entry has none
+    with pytest.raises(RobustcapsError, match="already holds a model"):
+        run(tmp_path / "r", epochs=1)
+    first = (tmp_path / "r" / "card.json").read_text()
+    run(tmp_path / "r", epochs=1, seed=5, stop_after_steps=1, overwrite=True)
+    assert not (tmp_path / "r" / "card.json").exists()  # no stale card beside a new run
+    assert json.loads(first)["seed"] == 3
     with pytest.raises(RobustcapsError, match="nothing to resume"):
         run(tmp_path / "none", resume=True)
     with pytest.raises(RobustcapsError, match="validation split"):
