@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from robustcaps.errors import RobustcapsError
 from robustcaps.models.cnn import BaselineCNN
 from robustcaps.models.registry import architectures, count_params, create_model
 
@@ -40,5 +41,5 @@ def test_eval_is_deterministic_and_dropout_active_in_train():
 
 
 def test_bad_image_size():
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(RobustcapsError, match="divisible by 4"):
         BaselineCNN(image_size=(30, 30))

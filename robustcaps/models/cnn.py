@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import RobustcapsError
 from .registry import register_model
 
 
@@ -28,7 +29,7 @@ class BaselineCNN(nn.Module):
         super().__init__()
         h, w = image_size
         if h % 4 or w % 4:
-            raise ValueError(f"BaselineCNN needs H and W divisible by 4, got {image_size}")
+            raise RobustcapsError(f"BaselineCNN needs H and W divisible by 4, got {image_size}")
         c1, c2 = channels
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, 5, padding=2),

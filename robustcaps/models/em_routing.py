@@ -19,9 +19,9 @@ field contains it. Its assignment probabilities are normalised over *all* those 
 (``R_ij = a_j p_ij / sum_k a_k p_ik`` with ``k`` running over every (position, type) the
 child feeds), so border children, which feed fewer positions, receive fewer feedbacks
 (corner children of a stride-1 layer: one position). The per-child normaliser is a fold
-(``index_add`` over the overlapping windows) of a per-slot ``logsumexp`` over parent types,
-made stable by a per-child shift (the largest per-slot term, found with ``scatter_reduce``
-``amax``; the shift cancels exactly, so no gradient flows through it). The initial
+(``index_add`` over the overlapping windows) of per-slot sums over parent types, made
+stable by a per-child shift (the child's largest term over all its parents, found with
+``scatter_reduce`` ``amax``; the shift cancels exactly, so no gradient flows through it). The initial
 assignment of Procedure 1 line 2 is ``R_ij = 1 / |parents(i)|``: uniform over the parents a
 child actually feeds, i.e. ``1 / (C * number of windows containing i)``.
 
@@ -138,20 +138,27 @@ def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """E-step normaliser. z: (N, L, C, J) = log a_j + log p_ij -> R (N, L, C, J).
 
     Without ``fold`` every slot is a distinct child that feeds exactly the C parents at its
-    position; with it, a child's terms are summed over every slot it occupies.
+    position; with it, a child's terms are summed over every slot it occupies. Each child's
+    terms are shifted by their maximum (which cancels exactly, so it carries no gradient):
+    every exponent is <= 0 and each child's total is >= 1, so nothing over- or underflows.
     """
     n, L, C, J = z.shape
-    lse = torch.logsumexp(z, dim=2)  # (N, L, J): over parent types at one position
+    with torch.no_grad():
+        shift = z.amax(2)  # (N, L, J): max over parent types at one position
+        if fold is not None:
+            b = fold.types
+            s = shift.reshape(n, -1, b)  # (N, L*KK, B)
+            idx = fold.index.reshape(1, -1, 1).expand_as(s)
+            child = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
+            shift = child.index_select(1, fold.index).reshape(n, L, J)
+    e = torch.exp(z - shift[:, :, None, :])
+    total = e.sum(2)  # (N, L, J)
     if fold is not None:
         b = fold.types
-        s = lse.reshape(n, -1, b)  # (N, L*KK, B)
-        with torch.no_grad():  # the shift cancels exactly: no gradient needed
-            idx = fold.index.reshape(1, -1, 1).expand_as(s)
-            shift = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
-            shift = shift.index_select(1, fold.index)
-        total = s.new_zeros((n, fold.n_pos, b)).index_add(1, fold.index, torch.exp(s - shift))
-        lse = (total.index_select(1, fold.index).log() + shift).reshape(n, L, J)
-    return torch.exp(z - lse[:, :, None, :])
+        t = total.reshape(n, -1, b)
+        t = t.new_zeros((n, fold.n_pos, b)).index_add(1, fold.index, t)
+        total = t.index_select(1, fold.index).reshape(n, L, J)
+    return e / total[:, :, None, :]
 
 
 def em_routing(
@@ -194,7 +201,8 @@ def em_routing(
         mass = rw.sum(-1).reshape(n, L, C)
         denom = (mass + MASS_EPS)[..., None]
         mu = torch.bmm(rw, v).reshape(n, L, C, H) / denom
-        d2 = (votes - mu[:, :, :, None, :]).square()  # (N, L, C, J, H)
+        d2 = votes - mu[:, :, :, None, :]  # (N, L, C, J, H)
+        d2 = d2.square_() if not torch.is_grad_enabled() else d2.square()
         var = torch.bmm(rw, d2.reshape(m, J, H)).reshape(n, L, C, H) / denom + var_floor
         log_var = var.log()
         sum_log_sigma = 0.5 * log_var.sum(-1)  # (N, L, C)
