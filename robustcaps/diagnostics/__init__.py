@@ -191,6 +191,7 @@ def run_diagnostics(
 
             runs[a.name] = run_attacks(a, x, y, cfg, log=say)
             timings[f"{a.name}/attacks"] = time.perf_counter() - t
+            timings.update({f"{a.name}/attacks/{k}": v for k, v in runs[a.name].timings.items()})
             bar.update()
     if attacks and len(adapters) > 1:
         add_transfer(runs, adapters, x, batch_size)
@@ -206,7 +207,8 @@ def run_diagnostics(
             st["eps_ref"] = r.eps_ref
             st["attack_clean_correct"] = int(r.clean_correct.sum())
             st["attack_engine"] = r.engine
-        st["seconds"] = sum(v for k, v in timings.items() if k.startswith(ga.model + "/"))
+        st["seconds"] = sum(v for k, v in timings.items()
+                            if k.startswith(ga.model + "/") and k.count("/") == 1)
         stats_rows.append(st)
     verdicts = pd.DataFrame(rows)
     order = {c["id"]: i for i, c in enumerate(CHECKS)}

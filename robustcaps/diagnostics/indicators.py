@@ -238,6 +238,9 @@ def tracked_bim(
     passes and one forward pass. ``x`` (N, *in), ``y`` (N,).
     """
     alpha = float(step_size) if step_size is not None else BIM_TRAVEL * eps / steps
+    if x.shape[0] == 0:
+        return TrackedRun(eps, steps, alpha, torch.zeros(steps + 1, 0, dtype=torch.float64),
+                          torch.zeros(steps + 1, 0, dtype=torch.bool))
     losses, advs = [], []
     for sl in _batches(x.shape[0], batch_size):
         x0 = x[sl].to(adapter.device, adapter.dtype)
@@ -351,6 +354,7 @@ class AttackRuns:
     transfer: dict[str, Any] = field(default_factory=dict)  # source name -> AttackResult
     # source name -> (E, N) bool: the source's own BIM success (for P5)
     source_success: dict[str, torch.Tensor] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
 
 def _rate(success: torch.Tensor, mask: torch.Tensor) -> float:
@@ -366,31 +370,52 @@ def run_attacks(
     log: Callable[[str], None] | None = None,
 ) -> AttackRuns:
     """Run FGSM and BIM sweeps, the unbounded BIM, random noise, stability and tracked BIM."""
+    import time
+
     from ..attacks import get_attack
 
-    say = log or (lambda _m: None)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def say(msg: str, phase: str | None = None) -> None:
+        now = time.perf_counter()
+        if phase is not None:
+            timings[phase] = now - clock[0]
+        clock[0] = now
+        if log is not None and msg:
+            log(msg)
+
     eps = np.asarray(cfg.epsilons, dtype=np.float64)
     bs = cfg.batch_size
     say("FGSM sweep")
     fgsm = get_attack("fgsm", batch_size=bs).run(adapter, x, y, eps)
-    say("BIM sweep")
+    say("BIM sweep", "fgsm")
     bim = get_attack("bim", steps=cfg.steps, batch_size=bs).run(adapter, x, y, eps, return_adv=True)
-    say("unbounded BIM")
+    say("unbounded BIM", "bim")
     unbounded = get_attack("bim", steps=cfg.unbounded_steps, step_size=cfg.unbounded_step_size,
                            batch_size=bs).run(adapter, x, y, [cfg.unbounded_eps])
     clean_correct = bim.clean_pred == y.cpu()
-    say("random noise")
+    say("random noise", "unbounded")
     rnd = random_sign_success(adapter, x, y, eps, cfg.n_random, cfg.seed, bs)
-    say("stability")
+    say("stability", "random")
     stab = prediction_stability(adapter, x, y, 1e-4 * cfg.noise_scale, cfg.n_repeats, cfg.seed, bs)
+    say("", "stability")
     rates = [_rate(bim.success[e], clean_correct) for e in range(len(eps))]
     finite = [(abs(r - 0.5), e) for e, r in enumerate(rates) if not math.isnan(r)]
     eps_ref = float(eps[min(finite)[1]]) if finite else float(eps[len(eps) // 2])
     say(f"tracked BIM at eps={eps_ref:g}")
-    tracked = tracked_bim(adapter, x, y, eps_ref, cfg.steps, batch_size=bs)
+    # P3/P4 only look at clean-correct samples: track those alone (the costliest phase)
+    idx = clean_correct.nonzero().squeeze(1)
+    sub = tracked_bim(adapter, x[idx], y[idx], eps_ref, cfg.steps, batch_size=bs)
+    n = x.shape[0]
+    loss = torch.full((cfg.steps + 1, n), float("nan"), dtype=torch.float64)
+    adv = torch.zeros(cfg.steps + 1, n, dtype=torch.bool)
+    loss[:, idx], adv[:, idx] = sub.loss, sub.adv
+    tracked = TrackedRun(sub.eps, sub.steps, sub.step_size, loss, adv)
+    say("", "tracked")
     return AttackRuns(adapter.name, eps, clean_correct, fgsm, bim, unbounded, rnd, stab, tracked,
                       eps_ref, "robustcaps.attacks native FGSM/BIM (early stop) + tracked BIM",
-                      n_random=cfg.n_random)
+                      n_random=cfg.n_random, timings=timings)
 
 
 def add_transfer(runs: dict[str, AttackRuns], adapters: list[ModelAdapter], x: torch.Tensor,

@@ -318,6 +318,23 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     for m in models:
         L.append(f"**{m}: {overall[m]}.** {conclusion(result, m)}")
         L.append("")
+    if len(models) > 1:
+        L.append("### The paper's two measurements")
+        L.append("")
+        zf = ", ".join(f"{m} {_fmt(st.loc[m, 'zero_fraction'], 'pct')}" for m in models)
+        L.append(f"- Share of exactly-zero entries in dL/dx: {zf}. (Paper: smaller for the "
+                 "capsule model than for the CNN.)")
+        ref = max(models, key=lambda m: st.loc[m, "l1_q50"])
+        for m in models:
+            if m == ref:
+                continue
+            row = result.magnitudes[(result.magnitudes["model"] == m)
+                                    & (result.magnitudes["reference"] == ref)].iloc[0]
+            L.append(f"- Gradient magnitude: median per-sample L1 norm of {m} / {ref} = "
+                     f"{_fmt(row['median_l1_ratio'], 'e')}, i.e. {_fmt(row['log10_l1_ratio'])} "
+                     "orders of magnitude (paper: capsules about -2 vs the CNN; Brendel & "
+                     "Bethge's masked model: -16).")
+        L.append("")
     L.append("## Gradient statistics")
     L.append("")
     keys = [
