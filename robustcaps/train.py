@@ -38,6 +38,7 @@ Files written into ``out``::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -46,9 +47,11 @@ import os
 import platform
 import random
 import shlex
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -572,6 +575,7 @@ class Trainer:
         self.status = "running"
         self.stop_reason: str | None = None
         self._eval_cache: dict[str, Split] = {}
+        self._interrupted = False
 
     # -------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -758,11 +762,45 @@ class Trainer:
         os.replace(tmp, path)
         return path
 
+    def _pause_due(self, t_start: float, steps_this_run: int) -> bool:
+        """A signal, --time-limit or --stop-after-steps asks to checkpoint and stop here."""
+        cfg = self.cfg
+        return (self._interrupted
+                or (cfg.time_limit is not None and time.monotonic() - t_start >= cfg.time_limit)
+                or (cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps))
+
+    @contextlib.contextmanager
+    def _graceful_signals(self, echo: Callable[[str], None]) -> Iterator[None]:
+        """First SIGINT/SIGTERM: finish the step, checkpoint, pause. Second SIGINT: abort."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupted and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            echo(f"{signal.Signals(signum).name}: checkpointing after this step "
+                 "(Ctrl-C again aborts without it)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
+        echo = (lambda m: tqdm.write(m)) if self.cfg.progress else (lambda m: log.info(m))
+        with self._graceful_signals(echo):
+            return self._run(echo)
+
+    def _run(self, echo: Callable[[str], None]) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         cfg = self.cfg
-        echo = (lambda m: tqdm.write(m)) if cfg.progress else (lambda m: log.info(m))
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.load_checkpoint()
@@ -798,13 +836,11 @@ class Trainer:
                         self.status = "stopped"
                         break
                 want_ckpt = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
-                over_time = cfg.time_limit is not None and time.monotonic() - t_start >= cfg.time_limit
-                over_steps = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps
-                if want_ckpt or over_time or over_steps:
+                paused = self._pause_due(t_start, steps_this_run)
+                if want_ckpt or paused:
                     self.save_checkpoint()
                     self.write_metrics()
-                if over_time or over_steps:
-                    paused = True
+                if paused:
                     break
             bar.close()
             if paused:
@@ -819,12 +855,8 @@ class Trainer:
                     self.status = "stopped"
             self.save_checkpoint()
             self.write_metrics()
-            if cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps \
-                    and self.status == "running" and self.epoch < cfg.epochs:
-                paused = True
-                break
-            if cfg.time_limit is not None and time.monotonic() - t_start >= cfg.time_limit \
-                    and self.status == "running" and self.epoch < cfg.epochs:
+            if self.status == "running" and self.epoch < cfg.epochs \
+                    and self._pause_due(t_start, steps_this_run):
                 paused = True
                 break
         result: dict[str, Any] = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -117,6 +119,20 @@ def test_checkpoint_every_steps_allows_resume_after_a_crash(tmp_path):
     assert [r["step"] for r in resumed["history"]] == [2, 4, 6]
     assert [r["test_error"] for r in resumed["history"]] == [r["test_error"] for r in full_e["history"]]
     assert full["status"] == "finished"
+
+
+def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
+    def interrupt(row):  # a Ctrl-C while evaluating at step 2
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    paused = run(tmp_path / "sig", epochs=1, eval_every_steps=2, callback=interrupt)
+    assert paused["status"] == "paused" and paused["global_step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    run(tmp_path / "sig", epochs=1, eval_every_steps=2, resume=True)
+    run(tmp_path / "ref", epochs=1, eval_every_steps=2)
+    for k, v in weights(tmp_path / "ref").items():
+        assert torch.equal(v, weights(tmp_path / "sig")[k])
 
 
 def test_learns_the_toy_problem_and_writes_a_sound_card(tmp_path):
