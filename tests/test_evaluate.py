@@ -47,7 +47,8 @@ def data():
 def test_records_and_summary(data):
     x, y = data
     r = evaluate([net(0, "a"), net(1, "b")], dataset=(x, y), attack=["fgsm", "bim"],
-                 targeted="both", epsilons=[0, 0.1, 0.5], steps=3, batch_size=8, progress=False)
+                 targeted="both", epsilons=[0, 0.1, 0.5], steps=3, batch_size=8, n_samples=30,
+                 progress=False)
     rec = r.records
     # untargeted: 2 models x 2 attacks x 3 eps x 30; targeted: x (K-1) targets
     assert len(rec) == 2 * 2 * 3 * 30 + 2 * 2 * 3 * 30 * (K - 1)
@@ -73,7 +74,7 @@ def test_records_and_summary(data):
 def _run(out, x, y, **kw):
     return evaluate([net(0, "a"), net(1, "b")], dataset=(x, y), attack="all", targeted="both",
                     epsilons=[0, 0.2, 0.6], steps=2, batch_size=7, out=out, progress=False,
-                    source=net(2, "src"), transfer_targets=[net(3, "tgt")], figures=False, **kw)
+                    source=net(2, "src"), transfer_targets=[net(3, "tgt")], figures=False, n_samples=14, **kw)
 
 
 def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
