@@ -80,7 +80,8 @@ def command(as_json: bool, verify: bool, card_name: str | None) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = f"{'name':<18} {'kind':<13} {'params':>10} {'classes':>7} {'input':<10} test error"
+    header = (f"{'name':<18} {'kind':<13} {'params':>10} {'classes':>7} {'input':<10} "
+              f"{'dataset':<10} test error")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
@@ -88,4 +89,5 @@ def command(as_json: bool, verify: bool, card_name: str | None) -> None:
         err_s = ", ".join(f"{k} {v:.2%}" for k, v in err.items() if v is not None) \
             if isinstance(err, dict) else "-"
         shape = "x".join(map(str, r["input_shape"] or []))
-        click.echo(f"{r['name']:<18} {r['kind']:<13} {r['params'] or 0:>10,} {r['num_classes']:>7} {shape:<10} {err_s}")
+        click.echo(f"{r['name']:<18} {r['kind']:<13} {r['params'] or 0:>10,} {r['num_classes']:>7} "
+                   f"{shape:<10} {r.get('dataset') or '-':<10} {err_s}")
