@@ -278,6 +278,13 @@ def test_cli_trains_an_npz_dataset_and_models_lists_it(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     card = json.loads((zoo / "toy-npz" / "card.json").read_text())
     assert card["command"].startswith("robustcaps train --model cnn --dataset npz:")
+    # Interrupted and resumed through the CLI: the same weights (sha256) as in one go.
+    cmd_b = [*cmd[:-2], str(tmp_path / "b"), "-q"]
+    paused = CliRunner().invoke(cli, [*cmd_b, "--stop-after-steps", "3"], catch_exceptions=False)
+    assert paused.exit_code == 0 and "resume" in paused.output
+    res = CliRunner().invoke(cli, [*cmd_b, "--resume"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "b" / "card.json").read_text())["sha256"] == card["sha256"]
     assert card["test_error"]["multi_crop"] is None  # 32x32 data: nothing to crop
     monkeypatch.setenv("ROBUSTCAPS_ZOO", str(zoo))
     rows = json.loads(CliRunner().invoke(cli, ["models", "--json"]).output)
