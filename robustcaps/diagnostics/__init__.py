@@ -223,7 +223,7 @@ def run_diagnostics(
     curve_df = (pd.concat([curves(r) for r in runs.values()], ignore_index=True) if runs else
                 pd.DataFrame(columns=["model", "attack", "epsilon", "success_rate", "accuracy"]))
     config = {
-        "models": [a.describe() for a in adapters],
+        "models": [{**a.describe(), "weights": _weights_kind(a)} for a in adapters],
         "n_samples": int(x.shape[0]),
         "input_shape": list(x.shape[1:]),
         "dataset": dataset,
@@ -253,6 +253,16 @@ def run_diagnostics(
     bar.close()
     config["seconds_total"] = time.perf_counter() - t0
     return result
+
+
+def _weights_kind(adapter: ModelAdapter) -> str:
+    """``zoo`` (trained checkpoint), ``untrained`` (bare registered architecture) or ``user``."""
+    meta = getattr(adapter.model, "robustcaps_meta", None) or {}
+    if meta.get("zoo"):
+        return "zoo"
+    if meta.get("arch") and not meta.get("weights"):
+        return "untrained"
+    return "user"
 
 
 def _jsonable(v: Any) -> Any:

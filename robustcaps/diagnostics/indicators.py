@@ -46,8 +46,8 @@ CHECKS: list[dict[str, str]] = [
      "rule": "PASS < 1e-3; WARN 1e-3 <= r < 0.1; FAIL r >= 0.1"},
     {"id": "G4", "name": "finite differences vs autograd", "group": "gradient",
      "formula": "e_i(d) = |FD - g.d| / max(|FD|, |g.d|), FD = (L(x+hd) - L(x-hd)) / 2h, h = 1e-6, "
-                "|d|_2 = 1, float64; d random and d = g/|g|; value = share of samples "
-                "with max_d e_i(d) > 0.1",
+                "|d|_2 = 1, float64; value = share of samples with e_i(g/|g|) > 0.5 (a kink, "
+                "e.g. a max-pool tie, halves one side: e <= ~0.5); e_i(random d) is reported",
      "rule": "PASS < 5%; WARN 5% <= v < 25%; FAIL v >= 25%"},
     {"id": "G5", "name": "gradient magnitude vs other models", "group": "gradient",
      "formula": "log10( median_i ||g_i||_1 / median_i ||g'_i||_1 ) against the model with "
@@ -83,11 +83,13 @@ CHECKS: list[dict[str, str]] = [
     {"id": "P3", "name": "silent success", "group": "pintor",
      "formula": "tracked BIM at eps_ref: sample flagged if an intermediate iterate x_k "
                 "(1 <= k < K) is adversarial but the last iterate x_K is not",
-     "rule": "PASS < 2%; WARN 2% <= v < 10%; FAIL v >= 10%"},
+     "rule": "PASS < 2%; WARN 2% <= v < 10%; FAIL v >= 10%; a single flagged sample is at "
+             "most WARN"},
     {"id": "P4", "name": "incomplete optimisation", "group": "pintor",
      "formula": "tracked BIM at eps_ref, samples never adversarial: L*_k = max_{j<=k} L_j; "
                 "flagged if L*_K - L*_{K-k} > 0.05 (L*_K - L_0), k = max(1, ceil(K/5))",
-     "rule": "PASS < 10%; WARN 10% <= v < 50%; FAIL v >= 50% (of the samples the attack failed on)"},
+     "rule": "PASS < 10%; WARN 10% <= v < 50%; FAIL v >= 50% (of the samples the attack failed "
+             "on); a single flagged sample is at most WARN"},
     {"id": "P5", "name": "transfer failure", "group": "pintor",
      "formula": "among samples where white-box BIM fails at eps_ref: share where some other "
                 "model's BIM example succeeded on that model but fails on this one",
@@ -112,6 +114,11 @@ def grade(value: float, warn: float, fail: float, *, higher_is_worse: bool = Tru
     if (v > w) if strict else (v >= w):
         return WARN
     return PASS
+
+
+def _cap(verdict: str, flagged: int) -> str:
+    """A verdict resting on a single flagged sample is at most WARN."""
+    return WARN if verdict == FAIL and flagged < 2 else verdict
 
 
 def worst(verdicts: Sequence[str]) -> str:
@@ -535,14 +542,14 @@ def attack_verdicts(r: AttackRuns) -> list[dict[str, Any]]:
                          f"(best of {r.n_random} draws)"))
         t = r.tracked
         silent = _rate(t.silent, cc)
-        rows.append(_row(m, "P3", silent, grade(silent, 0.02, 0.10),
+        rows.append(_row(m, "P3", silent, _cap(grade(silent, 0.02, 0.10), int((t.silent & cc).sum())),
                          f"{_pct(silent)} at eps_ref={t.eps:g} (best-loss iterate not adversarial: "
                          f"{_pct(_rate(t.best_loss_not_adv, cc))}); last-iterate BIM {_pct(_rate(t.final_adv, cc))}"
                          f" vs any-iterate {_pct(_rate(t.any_adv, cc))}"))
         failed = cc & ~t.any_adv
         nf = int(failed.sum())
         inc = _rate(t.incomplete(), failed) if nf else 0.0
-        rows.append(_row(m, "P4", inc, grade(inc, 0.10, 0.50),
+        rows.append(_row(m, "P4", inc, _cap(grade(inc, 0.10, 0.50), int((t.incomplete() & failed).sum())),
                          f"{int((t.incomplete() & failed).sum())} of {nf} failed samples at eps_ref={t.eps:g}"))
         if r.transfer:
             e_ref = int(np.argmin(np.abs(eps - r.eps_ref)))

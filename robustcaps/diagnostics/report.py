@@ -284,11 +284,19 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     L.append("")
     rows = []
     for m in cfg["models"]:
-        rows.append([m["name"], m["module"], f"{m['params']:,}", m["outputs"], m["loss"],
-                     m["dtype"], _fmt(st.loc[m["name"], "clean_accuracy"], "pct")])
-    L.append(_table(["model", "module", "parameters", "outputs", "attack loss", "dtype",
-                     "clean accuracy"], rows))
+        rows.append([m["name"], m["module"], m.get("weights", "user"), f"{m['params']:,}",
+                     m["outputs"], m["loss"], m["dtype"],
+                     _fmt(st.loc[m["name"], "clean_accuracy"], "pct")])
+    L.append(_table(["model", "module", "weights", "parameters", "outputs", "attack loss",
+                     "dtype", "clean accuracy"], rows))
     L.append("")
+    untrained = [m["name"] for m in cfg["models"] if m.get("weights") == "untrained"]
+    if untrained:
+        L.append(f"**Note:** {', '.join(untrained)} {'is an' if len(untrained) == 1 else 'are'} "
+                 "untrained architecture{} (randomly initialised weights, no zoo checkpoint): "
+                 "the verdicts describe that network, not a trained model.".format(
+                     "" if len(untrained) == 1 else "s"))
+        L.append("")
     L.append(f"- Data: {cfg.get('dataset') or 'user-supplied tensors'}; N = {cfg['n_samples']} "
              f"samples of shape {tuple(cfg['input_shape'])}; data scale (box width or std) "
              f"{cfg['data_scale']:.3g}.")
@@ -359,7 +367,7 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
         ("f64_sign_agreement", "float32 vs float64: sign agreement", "pct"),
         ("fd_err_random_median", "finite differences, random d: median error", "e"),
         ("fd_err_grad_median", "finite differences, d = g/abs(g): median error", "e"),
-        ("fd_mismatch_fraction", "samples with finite-difference error > 0.1", "pct"),
+        ("fd_mismatch_fraction", "samples with finite-difference error along g > 0.5", "pct"),
     ]
     rows = [[label] + [_fmt(st.loc[m, k], kind) if k in st.columns else "n/a" for m in models]
             for k, label, kind in keys]
