@@ -166,12 +166,20 @@ def render_card_markdown(card: dict[str, Any]) -> str:
     ]
     if tr:
         lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in tr.items()] + [""]
+    subset = tr.get("max_test_samples")
+    stopped_on_test = (card.get("stop_reason") or "").startswith("test error")
     lines += [
-        "Test errors are on the whole test split given above (centre 32x32 crop; multi-crop "
-        "averages the class activations over the centre and four corner crops). No choice was "
-        "made on the test split.",
+        f"Test errors are over {card.get('n_test')} images of the test split"
+        + (" (a class-stratified subset)" if subset else "")
+        + "; centre 32x32 crop, and multi-crop = class activations averaged over the centre and "
+        "four corner crops (n/a when the images are not larger than the input). "
+        + ("Training was stopped on the test error (--on test): this test error is not an "
+           "unbiased estimate." if stopped_on_test else "No choice was made on the test split."),
         "",
     ]
+    notes = card.get("notes") or []
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in ([notes] if isinstance(notes, str) else notes)] + [""]
     return "\n".join(lines)
 
 
