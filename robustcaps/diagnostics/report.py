@@ -239,6 +239,10 @@ def conclusion(result: DiagnosticsResult, model: str) -> str:
     elif fails.empty:
         parts.append("No check fails, but some warn; the robustness numbers are usable with the "
                      "caveats below.")
+    elif set(fails["id"]) <= {"P3", "P4"}:
+        parts.append("**The gradients look usable, but the attack as configured is not finished "
+                     "with this model:** rerun with more BIM steps (`--steps`) before trusting "
+                     "its robustness numbers.")
     else:
         parts.append("**Robustness numbers for this model should not be trusted as they stand.**")
     for _, r in pd.concat([fails, warns]).iterrows():
