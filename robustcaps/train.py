@@ -505,6 +505,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)  # type: ignore[arg-type]
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self._stale: list[Path] = []
         self.callback = callback
         arch = architectures().get(cfg.model)
         if arch is None:
@@ -531,8 +532,7 @@ class Trainer:
             what = "a training run" if self.ckpt_path in old else "a model (weights or card)"
             raise RobustcapsError(f"{self.out} already holds {what}; pass --resume to continue "
                                   "a run or --overwrite to start again")
-        for p in old:  # a fresh run must not leave a stale card or checkpoint behind
-            p.unlink()
+        self._stale = old  # removed once the data and model are set up (see _run)
 
     def _setup(self) -> None:
         from .models.registry import create_model
@@ -802,6 +802,8 @@ class Trainer:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        for p in self._stale:  # --overwrite: no stale card or checkpoint beside the new run
+            p.unlink(missing_ok=True)
         if cfg.resume:
             self.load_checkpoint()
             echo(f"resuming {self.out} at epoch {self.epoch + 1}, batch {self.batch} "
