@@ -85,6 +85,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 VAR_FLOOR = 1e-4
 MASS_EPS = 1e-8
@@ -161,6 +162,212 @@ def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     return e / total[:, :, None, :]
 
 
+def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """Procedure 1 line 2: (1, L, 1, J) (or (1, 1, 1, J)) uniform over each child's parents."""
+    _, L, C, J, _ = votes.shape
+    if fold is None:
+        return votes.new_full((1, 1, 1, J), 1.0 / C)
+    cnt = fold.count.to(votes.dtype).reshape(1, L, 1, -1, 1)
+    return (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
+
+
+def _centred_moments(
+    votes: torch.Tensor, rw0: torch.Tensor, build_u: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference ``c`` (m, 1, H) and ``U = [V - c, (V - c)^2]`` (m, J, 2H), no autograd.
+
+    votes: (n, L, C, J, H); rw0: (n, L, 1, J) the first M-step's weights ``R_ij a_i``.
+    ``c`` is that M-step's mean, so every later mean stays close to it and the moments
+    about ``c`` lose no precision. The routing is mathematically independent of ``c``, so
+    it is a constant for autograd. ``build_u=False``: only ``c``.
+    """
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    with torch.no_grad():
+        v = votes.reshape(m, J, H)
+        rw = rw0.expand(n, L, C, J).reshape(m, 1, J)
+        c = torch.bmm(rw, v) / (rw.sum(-1, keepdim=True) + MASS_EPS)  # (m, 1, H)
+        if not build_u:
+            return c, None
+        U = votes.new_empty(m, J, 2 * H)
+        torch.sub(v, c, out=U[..., :H])
+        torch.mul(U[..., :H], U[..., :H], out=U[..., H:])
+    return c, U
+
+
+def _route(
+    U: torch.Tensor,
+    c: torch.Tensor,
+    a: torch.Tensor,
+    R0: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    lambdas: list[float],
+    fold: Fold | None,
+    data_scale: float,
+    var_floor: float,
+    shape: tuple[int, int, int, int],
+    tape: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Procedure 1 on the centred moments ``U`` (m, J, 2H) about ``c`` (m, 1, H).
+
+    a: (n, L, 1, J) child activations; R0: initial assignment broadcastable to (n, L, C, J);
+    shape: (n, L, C, J). Every M-step is one ``bmm`` ``(1, J) @ (J, 2H)`` per parent giving
+    ``S1 = sum r (V - c)`` and ``S2 = sum r (V - c)^2``; with ``d = mu - c = (S1 - eps c) /
+    denom`` (``mu = sum r V / (mass + eps)``), ``sum r (V - mu)^2 = S2 - d (2 S1 - d mass)``
+    exactly (clamped at 0 against rounding).
+    Every E-step is one ``bmm`` ``(J, 2H) @ (2H, 1)``: ``-0.5 sum_h (V - mu)^2 / var =
+    U @ [d / var, -0.5 / var] - 0.5 sum_h d^2 / var``. With ``tape`` (a list), the weights
+    ``rw`` (m, 1, J), M-step sums ``S`` (m, 1, 2H), E-step weights ``w`` (m, 2H, 1) and
+    results ``e`` (m, J, 1) are appended, for the hand-written gradient w.r.t. ``U``.
+    Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
+    """
+    n, L, C, J = shape
+    m, _, H2 = U.shape
+    H = H2 // 2
+    ba = beta_a.reshape(1, 1, C)
+    bu = beta_u.reshape(1, 1, C)
+    R = R0
+    for t, lam in enumerate(lambdas):
+        # ---- M-step: one bmm per parent for both moments
+        rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
+        S = torch.bmm(rw, U)  # (m, 1, 2H)
+        mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
+        denom = mass + MASS_EPS
+        S1, S2 = S[..., :H], S[..., H:]
+        d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
+        var = (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
+        mu = (c + d).reshape(n, L, C, H)
+        log_var = var.log()
+        sum_log_sigma = 0.5 * log_var.sum(-1).reshape(n, L, C)
+        cost = (H * bu + sum_log_sigma) * (mass.reshape(n, L, C) / data_scale)
+        logits = lam * (ba - cost)
+        if tape is not None:
+            tape.append(("M", rw, S))
+        if t == len(lambdas) - 1:
+            break
+        # ---- E-step: one bmm per parent, in log space
+        inv = var.reciprocal()  # (m, 1, H)
+        w = torch.cat((d * inv, -0.5 * inv), -1).reshape(m, H2, 1)
+        e = torch.bmm(U, w)  # (m, J, 1)
+        if tape is not None:
+            tape.append(("E", w, e))
+        const = -0.5 * (d * d * inv).sum(-1) - sum_log_sigma.reshape(m, 1) - 0.5 * H * LOG_2PI
+        z = (e.reshape(m, J) + const).reshape(n, L, C, J) + F.logsigmoid(logits)[..., None]
+        R = _normalise(z, fold)
+    return mu, logits, R.expand(n, L, C, J)
+
+# Samples routed together on the CPU (cache blocking): one sample's centred moments ``U``
+# are 2x its votes (capsnet-small ConvCaps1: 5.3 MB, capsnet ConvCaps1: 42 MB), so small
+# chunks keep every routing pass in L2/L3 instead of streaming the whole batch from DRAM
+# 2T-1 times. Chosen by measurement (robustcaps bench routing); None = whole batch (CUDA).
+CPU_CHUNK = 2
+
+
+@dataclass(frozen=True)
+class _Config:
+    lambdas: tuple[float, ...]
+    fold: Fold | None
+    data_scale: float
+    var_floor: float
+    chunk: int
+
+
+def _chunks(n: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None):
+    """Route one sample chunk: votes (n, L, C, J, H), a_in (n, L, J). Returns
+    (mu, logits, R, U) with U the centred moments (for the backward)."""
+    n, L, C, J, _ = votes.shape
+    R0 = _initial_R(votes, cfg.fold)
+    a = a_in[:, :, None, :]
+    c, U = _centred_moments(votes, (R0 * a).detach())
+    mu, logits, R = _route(U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
+                           cfg.data_scale, cfg.var_floor, (n, L, C, J), tape)
+    return mu, logits, R, U
+
+
+class _EMRouting(torch.autograd.Function):
+    """EM routing with a recomputing backward (see "Layout and speed").
+
+    Forward saves only its inputs. Backward re-routes each sample chunk with autograd on
+    the small per-parent/per-slot tensors only (``U`` is a constant there), asks autograd
+    for the gradients w.r.t. every M-step sum ``S_t`` and E-step result ``e_t``, and then
+    forms ``dL/dU = sum_t rw_t^T dS_t + sum_t de_t w_t^T`` as ONE bmm of (m, J, 2T-1) by
+    (m, 2T-1, 2H), and ``dL/dV = dU[:H] + 2 (V - c) dU[H:]``.
+    """
+
+    @staticmethod
+    def forward(ctx, votes, a_in, beta_a, beta_u, cfg: _Config):  # noqa: ANN001, ANN205
+        n, L, C, J, H = votes.shape
+        mu = votes.new_empty(n, L, C, H)
+        logits = votes.new_empty(n, L, C)
+        R = votes.new_empty(n, L, C, J)
+        for s in _chunks(n, cfg.chunk):
+            mu[s], logits[s], R[s], _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg)
+        ctx.save_for_backward(votes, a_in, beta_a, beta_u)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return mu, logits, R
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mu, g_logits, g_R):  # noqa: ANN001, ANN205
+        votes, a_in, beta_a, beta_u = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        n, L, C, J, H = votes.shape
+        g_votes = torch.zeros_like(votes)
+        g_a = torch.zeros_like(a_in)
+        g_ba = torch.zeros_like(beta_a)
+        g_bu = torch.zeros_like(beta_u)
+        for s in _chunks(n, cfg.chunk):
+            with torch.enable_grad():
+                a_c = a_in[s].detach().requires_grad_(True)
+                ba = beta_a.detach().requires_grad_(True)
+                bu = beta_u.detach().requires_grad_(True)
+                tape: list = []
+                mu, logits, R, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape)
+                outs, gouts = [], []
+                for o, g in ((mu, g_mu), (logits, g_logits), (R, g_R)):
+                    if g is not None and o.requires_grad:
+                        outs.append(o)
+                        gouts.append(g[s])
+                if not outs:
+                    continue
+                inputs = [x[2] for x in tape] + [a_c, ba, bu]
+                grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+            m = U.shape[0]
+            left, right = [], []
+            for (kind, coef, _), g in zip(tape, grads[: len(tape)], strict=True):
+                if g is None:
+                    continue
+                if kind == "M":  # S = rw @ U: dU += rw^T dS
+                    left.append(coef.transpose(1, 2))
+                    right.append(g)
+                else:  # e = U @ w: dU += de w^T
+                    left.append(g)
+                    right.append(coef.transpose(1, 2))
+            gv = g_votes[s].view(m, J, H)
+            if left:
+                dU = torch.bmm(torch.cat(left, 2), torch.cat(right, 1))  # (m, J, 2H)
+                torch.addcmul(dU[..., :H], U[..., :H], dU[..., H:], value=2.0, out=gv)
+            for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(tape):], strict=True):
+                if g is not None:
+                    dst += g
+        return g_votes, g_a, g_ba, g_bu, None
+
+
+def _config(votes: torch.Tensor, iterations: int, final_lambda: float, fold: Fold | None,
+            data_scale: float, var_floor: float, chunk: int | None) -> _Config:
+    n = votes.shape[0]
+    if chunk is None:
+        chunk = CPU_CHUNK if votes.device.type == "cpu" else n
+    return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
+                   float(var_floor), max(1, min(int(chunk), n)))
+
+
 def em_routing(
     votes: torch.Tensor,
     a_in: torch.Tensor,
@@ -172,49 +379,50 @@ def em_routing(
     fold: Fold | None = None,
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
+    chunk: int | None = None,
 ) -> RoutingResult:
     """EM routing between one pair of capsule layers (vectorised Procedure 1).
 
     Args:
         votes: (N, L, C, J, H) votes of the J child slots for the C parents at each of L
-            positions (H = 16 pose elements). Contiguous for speed.
+            positions (H = 16 pose elements). Made contiguous if it is not.
         a_in: (N, L, J) activation probability of the child in each slot.
         beta_a, beta_u: (C,) learned biases per parent type.
         fold: slot -> child map of a convolutional layer (None: each slot is its own child).
         data_scale: kappa of the module docstring (amount of data normaliser).
+        chunk: samples routed together (cache blocking); None: ``CPU_CHUNK`` on the CPU,
+            the whole batch elsewhere. Results do not depend on it.
+
+    Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
+    cfg = _config(votes, iterations, final_lambda, fold, data_scale, var_floor, chunk)
+    mu, logits, R = _EMRouting.apply(votes.contiguous(), a_in, beta_a, beta_u, cfg)
+    return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+def em_routing_autograd(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    *,
+    iterations: int = 3,
+    final_lambda: float = 0.01,
+    fold: Fold | None = None,
+    data_scale: float = 1.0,
+    var_floor: float = VAR_FLOOR,
+) -> RoutingResult:
+    """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
+    backward, no chunking): what ``torch.compile`` traces. Same arguments and results."""
     n, L, C, J, H = votes.shape
     m = n * L * C
-    v = votes.reshape(m, J, H)
-    if fold is None:
-        R = votes.new_full((1, 1, 1, J), 1.0 / C)
-    else:
-        cnt = fold.count.to(votes.dtype).reshape(1, L, 1, -1, 1)
-        R = (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
+    R0 = _initial_R(votes, fold)
     a = a_in[:, :, None, :]
-    ba = beta_a.reshape(1, 1, C)
-    bu = beta_u.reshape(1, 1, C)
-    lambdas = lambda_schedule(iterations, final_lambda)
-    for t, lam in enumerate(lambdas):
-        # ---- M-step (all parents at once)
-        rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
-        mass = rw.sum(-1).reshape(n, L, C)
-        denom = (mass + MASS_EPS)[..., None]
-        mu = torch.bmm(rw, v).reshape(n, L, C, H) / denom
-        d2 = votes - mu[:, :, :, None, :]  # (N, L, C, J, H)
-        d2 = d2.square_() if not torch.is_grad_enabled() else d2.square()
-        var = torch.bmm(rw, d2.reshape(m, J, H)).reshape(n, L, C, H) / denom + var_floor
-        log_var = var.log()
-        sum_log_sigma = 0.5 * log_var.sum(-1)  # (N, L, C)
-        cost = (H * bu + sum_log_sigma) * (mass / data_scale)
-        logits = lam * (ba - cost)
-        if t == iterations - 1:
-            break
-        # ---- E-step (all children at once, in log space)
-        maha = torch.bmm(d2.reshape(m, J, H), var.reciprocal().reshape(m, H, 1)).reshape(n, L, C, J)
-        log_p = -0.5 * maha - (sum_log_sigma + 0.5 * H * LOG_2PI)[..., None]
-        R = _normalise(F.logsigmoid(logits)[..., None] + log_p, fold)
-    R = R.expand(n, L, C, J)
+    c, _ = _centred_moments(votes, (R0 * a).detach(), build_u=False)
+    dv = votes.reshape(m, J, H) - c
+    U = torch.cat((dv, dv * dv), -1)
+    mu, logits, R = _route(U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
+                           fold, data_scale, var_floor, (n, L, C, J))
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
@@ -232,7 +440,7 @@ def routing_function(compiled: bool = False):
     if not compiled:
         return em_routing
     if "fn" not in _COMPILED:
-        compiled_fn = torch.compile(em_routing, dynamic=None)
+        compiled_fn = torch.compile(em_routing_autograd, dynamic=None)
 
         def safe(*args, **kwargs):
             if _COMPILED.get("failed"):
