@@ -172,14 +172,15 @@ def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
 
 
 def _centred_moments(
-    votes: torch.Tensor, rw0: torch.Tensor, build_u: bool = True
+    votes: torch.Tensor, rw0: torch.Tensor, build_u: bool = True, buf: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference ``c`` (m, 1, H) and ``U = [V - c, (V - c)^2]`` (m, J, 2H), no autograd.
 
     votes: (n, L, C, J, H); rw0: (n, L, 1, J) the first M-step's weights ``R_ij a_i``.
     ``c`` is that M-step's mean, so every later mean stays close to it and the moments
     about ``c`` lose no precision. The routing is mathematically independent of ``c``, so
-    it is a constant for autograd. ``build_u=False``: only ``c``.
+    it is a constant for autograd. ``build_u=False``: only ``c``. ``buf``: storage for U
+    (at least m*J*2H elements; reusing it avoids page-faulting a fresh buffer per chunk).
     """
     n, L, C, J, H = votes.shape
     m = n * L * C
@@ -189,7 +190,10 @@ def _centred_moments(
         c = torch.bmm(rw, v) / (rw.sum(-1, keepdim=True) + MASS_EPS)  # (m, 1, H)
         if not build_u:
             return c, None
-        U = votes.new_empty(m, J, 2 * H)
+        if buf is None:
+            U = votes.new_empty(m, J, 2 * H)
+        else:
+            U = buf.reshape(-1)[: m * J * 2 * H].view(m, J, 2 * H)
         torch.sub(v, c, out=U[..., :H])
         torch.mul(U[..., :H], U[..., :H], out=U[..., H:])
     return c, U
@@ -216,10 +220,10 @@ def _route(
     ``S1 = sum r (V - c)`` and ``S2 = sum r (V - c)^2``; with ``d = mu - c = (S1 - eps c) /
     denom`` (``mu = sum r V / (mass + eps)``), ``sum r (V - mu)^2 = S2 - d (2 S1 - d mass)``
     exactly (clamped at 0 against rounding).
-    Every E-step is one ``bmm`` ``(J, 2H) @ (2H, 1)``: ``-0.5 sum_h (V - mu)^2 / var =
-    U @ [d / var, -0.5 / var] - 0.5 sum_h d^2 / var``. With ``tape`` (a list), the weights
-    ``rw`` (m, 1, J), M-step sums ``S`` (m, 1, 2H), E-step weights ``w`` (m, 2H, 1) and
-    results ``e`` (m, J, 1) are appended, for the hand-written gradient w.r.t. ``U``.
+    Every E-step is one ``bmm`` ``(1, 2H) @ (2H, J)``: ``-0.5 sum_h (V - mu)^2 / var =
+    [d / var, -0.5 / var] @ U^T - 0.5 sum_h d^2 / var``. With ``tape`` (a list), the
+    weights ``rw`` (m, 1, J), M-step sums ``S`` (m, 1, 2H), E-step weights ``w`` (m, 1, 2H)
+    and results ``e`` (m, 1, J) are appended, for the hand-written gradient w.r.t. ``U``.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
     """
     n, L, C, J = shape
@@ -248,8 +252,8 @@ def _route(
             break
         # ---- E-step: one bmm per parent, in log space
         inv = var.reciprocal()  # (m, 1, H)
-        w = torch.cat((d * inv, -0.5 * inv), -1).reshape(m, H2, 1)
-        e = torch.bmm(U, w)  # (m, J, 1)
+        w = torch.cat((d * inv, -0.5 * inv), -1)  # (m, 1, 2H)
+        e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J); 3x faster than U @ w^T on MKL
         if tape is not None:
             tape.append(("E", w, e))
         const = -0.5 * (d * d * inv).sum(-1) - sum_log_sigma.reshape(m, 1) - 0.5 * H * LOG_2PI
@@ -277,13 +281,13 @@ def _chunks(n: int, chunk: int) -> list[slice]:
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
-def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None):
+def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None, buf=None):
     """Route one sample chunk: votes (n, L, C, J, H), a_in (n, L, J). Returns
-    (mu, logits, R, U) with U the centred moments (for the backward)."""
+    (mu, logits, R, U) with U the centred moments (for the backward), stored in ``buf``."""
     n, L, C, J, _ = votes.shape
     R0 = _initial_R(votes, cfg.fold)
     a = a_in[:, :, None, :]
-    c, U = _centred_moments(votes, (R0 * a).detach())
+    c, U = _centred_moments(votes, (R0 * a).detach(), buf=buf)
     mu, logits, R = _route(U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
                            cfg.data_scale, cfg.var_floor, (n, L, C, J), tape)
     return mu, logits, R, U
@@ -305,8 +309,10 @@ class _EMRouting(torch.autograd.Function):
         mu = votes.new_empty(n, L, C, H)
         logits = votes.new_empty(n, L, C)
         R = votes.new_empty(n, L, C, J)
+        buf = votes.new_empty(cfg.chunk * L * C * J * 2 * H)
         for s in _chunks(n, cfg.chunk):
-            mu[s], logits[s], R[s], _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg)
+            mu[s], logits[s], R[s], _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg,
+                                                     buf=buf)
         ctx.save_for_backward(votes, a_in, beta_a, beta_u)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -318,7 +324,8 @@ class _EMRouting(torch.autograd.Function):
         votes, a_in, beta_a, beta_u = ctx.saved_tensors
         cfg: _Config = ctx.cfg
         n, L, C, J, H = votes.shape
-        g_votes = torch.zeros_like(votes)
+        g_votes = torch.empty_like(votes)  # same strides as votes
+        buf = votes.new_empty(2, cfg.chunk * L * C * J * 2 * H)  # U, dU
         g_a = torch.zeros_like(a_in)
         g_ba = torch.zeros_like(beta_a)
         g_bu = torch.zeros_like(beta_u)
@@ -328,13 +335,14 @@ class _EMRouting(torch.autograd.Function):
                 ba = beta_a.detach().requires_grad_(True)
                 bu = beta_u.detach().requires_grad_(True)
                 tape: list = []
-                mu, logits, R, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape)
+                mu, logits, R, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape, buf[0])
                 outs, gouts = [], []
                 for o, g in ((mu, g_mu), (logits, g_logits), (R, g_R)):
                     if g is not None and o.requires_grad:
                         outs.append(o)
                         gouts.append(g[s])
                 if not outs:
+                    g_votes[s] = 0
                     continue
                 inputs = [x[2] for x in tape] + [a_c, ba, bu]
                 grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
@@ -346,13 +354,16 @@ class _EMRouting(torch.autograd.Function):
                 if kind == "M":  # S = rw @ U: dU += rw^T dS
                     left.append(coef.transpose(1, 2))
                     right.append(g)
-                else:  # e = U @ w: dU += de w^T
-                    left.append(g)
-                    right.append(coef.transpose(1, 2))
-            gv = g_votes[s].view(m, J, H)
+                else:  # e = w @ U^T: dU += de^T w
+                    left.append(g.transpose(1, 2))
+                    right.append(coef)
+            gv = g_votes[s].reshape(m, J, H)  # a view (see em_routing)
             if left:
-                dU = torch.bmm(torch.cat(left, 2), torch.cat(right, 1))  # (m, J, 2H)
+                dU = buf[1, : m * J * 2 * H].view(m, J, 2 * H)
+                torch.bmm(torch.cat(left, 2), torch.cat(right, 1), out=dU)
                 torch.addcmul(dU[..., :H], U[..., :H], dU[..., H:], value=2.0, out=gv)
+            else:
+                gv.zero_()
             for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(tape):], strict=True):
                 if g is not None:
                     dst += g
@@ -385,7 +396,9 @@ def em_routing(
 
     Args:
         votes: (N, L, C, J, H) votes of the J child slots for the C parents at each of L
-            positions (H = 16 pose elements). Made contiguous if it is not.
+            positions (H = 16 pose elements). Any strides that let (N, L, C) merge into
+            one dimension with unit stride along H (e.g. contiguous, or the slot-major
+            layout of ConvCaps) are read in place; other layouts are copied first.
         a_in: (N, L, J) activation probability of the child in each slot.
         beta_a, beta_u: (C,) learned biases per parent type.
         fold: slot -> child map of a convolutional layer (None: each slot is its own child).
@@ -396,7 +409,11 @@ def em_routing(
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
     cfg = _config(votes, iterations, final_lambda, fold, data_scale, var_floor, chunk)
-    mu, logits, R = _EMRouting.apply(votes.contiguous(), a_in, beta_a, beta_u, cfg)
+    n, L, C, J, H = votes.shape
+    st = votes.stride()
+    if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
+        votes = votes.contiguous()
+    mu, logits, R = _EMRouting.apply(votes, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
@@ -470,22 +487,25 @@ def _pose_dims(pose: str) -> tuple[int, int, int]:
 
 
 def _votes(p: torch.Tensor, w: torch.Tensor, pose: str) -> torch.Tensor:
-    """Votes for every slot and parent type.
+    """Votes for every slot and parent type, slot-major.
 
     p: (G, n, L, 16) child poses, G groups of distinct transforms (slots);
     w: (G, C, 4, 4) (matrix: vote = M @ W) or (G, C, 16, 16) (vector: vote = W @ p).
-    Returns (n, L, C, G, 16) contiguous.
+    Returns (G, n, L, C, 16) contiguous, from ONE bmm ``(n*L, 16) @ (16, C*16)`` per slot:
+    a 4x4 matrix product ``M @ W`` is ``vec(M) @ kron(I_4, W)`` (4x the multiply-adds of
+    the 4x4 products, which are negligible, but every vote lands directly in its place, so
+    no permuted copy of the vote tensor is ever made).
     """
     g, n, L, _ = p.shape
     c = w.shape[1]
-    rows, inner, cols = _pose_dims(pose)
     if pose == "matrix":
-        wm = w.permute(0, 2, 1, 3).reshape(g, inner, c * cols)  # [t, (c, s)]
+        eye = torch.eye(4, dtype=w.dtype, device=w.device)
+        # wm[g, (r', t), (c, r, s)] = delta(r, r') W[g, c, t, s]
+        wm = torch.einsum("qr,gcts->gqtcrs", eye, w).reshape(g, 16, c * 16)
     else:
-        wm = w.permute(0, 3, 1, 2).reshape(g, inner, c * cols)  # [t, (c, h)]
-    out = torch.bmm(p.reshape(g, n * L * rows, inner), wm)  # (G, n*L*rows, C*cols)
-    out = out.reshape(g, n, L, rows, c, cols).permute(1, 2, 4, 0, 3, 5)
-    return out.reshape(n, L, c, g, 16)
+        wm = w.permute(0, 3, 1, 2).reshape(g, 16, c * 16)  # [t, (c, h)]
+    out = torch.bmm(p.reshape(g, n * L, 16), wm)  # (G, n*L, C*16)
+    return out.reshape(g, n, L, c, 16)
 
 
 class PrimaryCaps(nn.Module):
@@ -562,7 +582,9 @@ class ConvCaps(nn.Module):
         # Child slots, slot-major: (KK, B, N, L, 16) -> G = KK*B groups of distinct weights.
         pt = poses.reshape(n, h * w, b, 16).index_select(1, fold.index)  # (N, L*KK, B, 16)
         pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
-        votes = _votes(pt, self.weight, self.pose)  # (N, L, C, J, 16)
+        # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has rows
+        # N*L*C*16 apart, which bmm and the routing read in place.
+        votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
         a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
         res = routing_function(self.compile_routing)(
             votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
@@ -616,9 +638,9 @@ class ClassCaps(nn.Module):
         n, h, w, d, _ = poses.shape
         hw = h * w
         pt = poses.reshape(n, hw, d, 16).permute(2, 0, 1, 3)  # (D, N, HW, 16)
-        votes = _votes(pt, self.weight, self.pose)  # (N, HW, E, D, 16)
+        votes = _votes(pt, self.weight, self.pose)  # (D, N, HW, E, 16)
         # Route all H*W*D children to the E class capsules: L = 1, J = (HW, D).
-        votes = votes.permute(0, 2, 1, 3, 4)  # (N, E, HW, D, 16)
+        votes = votes.permute(1, 3, 2, 0, 4)  # (N, E, HW, D, 16)
         if self.coord_add:
             add = coords.new_zeros(hw, 1, 16)
             add[:, 0, 3] = coords.reshape(hw, 2)[:, 0]
