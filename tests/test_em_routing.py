@@ -149,3 +149,108 @@ def test_em_routing_single_cluster_recovered():
     assert res.logits[0, 0, 0] > res.logits[0, 0, 1] + 10
     assert (res.R[0, 0, 0] > 0.99).all()
     assert math.isfinite(res.logits.sum().item())
+
+
+# ------------------------------------------------------ fast path (centred moments) checks
+def _straight_routing(votes, a_in, beta_a, beta_u, iterations, final_lambda):
+    """Procedure 1 with the direct formulas (votes - mu)^2, fold=None (independent of U)."""
+    n, L, C, J, H = votes.shape
+    R = torch.full((n, L, C, J), 1.0 / C, dtype=votes.dtype)
+    a = a_in[:, :, None, :]
+    for t, lam in enumerate(lambda_schedule(iterations, final_lambda)):
+        rw = R * a
+        mass = rw.sum(-1)
+        mu = (rw[..., None] * votes).sum(3) / (mass + ref.MASS_EPS)[..., None]
+        dev2 = (votes - mu[:, :, :, None]) ** 2
+        var = (rw[..., None] * dev2).sum(3) / (mass + ref.MASS_EPS)[..., None] + ref.VAR_FLOOR
+        logits = lam * (beta_a - (H * beta_u + 0.5 * var.log().sum(-1)) * mass)
+        if t == iterations - 1:
+            break
+        log_p = (-0.5 * dev2 / var[:, :, :, None]
+                 - 0.5 * torch.log(2 * math.pi * var[:, :, :, None])).sum(-1)
+        R = torch.softmax(torch.nn.functional.logsigmoid(logits)[..., None] + log_p, 2)
+    return mu, logits, R
+
+
+def _tight_votes(spread, std, seed, n=2, L=3, C=4, J=32, H=16):
+    """Trained-like votes: per parent a tight cluster (std) around a large mean (|.| ~ 10),
+    40% of children outliers at distance ~spread (so later means move away from the first)."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=torch.float64)
+    votes = 10 * torch.randn(n, L, C, 1, H, **kw) + std * torch.randn(n, L, C, J, H, **kw)
+    out = torch.rand(n, L, C, J, 1, **kw) < 0.4
+    votes = torch.where(out, votes + spread * torch.randn(n, L, C, J, H, **kw), votes)
+    return (votes, torch.rand(n, L, J, **kw), torch.randn(C, **kw), 0.3 * torch.randn(C, **kw))
+
+
+@pytest.mark.parametrize("spread,std", [(0.1, 1e-3), (1.0, 1e-2), (1.0, 1e-3), (10.0, 1e-2)])
+def test_float32_tight_clusters_keep_precision(spread, std):
+    votes, a, ba, bu = _tight_votes(spread, std, seed=11)
+    want = _straight_routing(votes, a, ba, bu, 3, 1.0)
+    direct32 = _straight_routing(votes.float(), a.float(), ba.float(), bu.float(), 3, 1.0)
+    res = em_routing(votes.float(), a.float(), ba.float(), bu.float(), iterations=3,
+                     final_lambda=1.0)
+    got = (res.poses, res.logits, res.R)
+    for g32, d32, w64, atol in zip(got, direct32, want, (2e-4, 0.1, 1e-3), strict=True):
+        err = (g32.double() - w64).abs().max().item()
+        err_direct = (d32.double() - w64).abs().max().item()
+        assert err < atol, (err, err_direct)
+        # no worse than the straightforward float32 computation (up to a small factor)
+        assert err < 4 * err_direct + 1e-6, (err, err_direct)
+
+
+def _grads_of(fn, votes, a, ba, bu, seed):
+    votes, a, ba, bu = (t.detach().requires_grad_(True) for t in (votes, a, ba, bu))
+    res = fn(votes, a, ba, bu)
+    g = torch.Generator().manual_seed(seed)
+    outs = (res.poses, res.logits, res.R)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, (votes, a, ba, bu))
+
+
+def test_recentring_chunking_and_compile_path_agree(monkeypatch):
+    import robustcaps.models.em_routing as em
+
+    votes, a, ba, bu = _tight_votes(10.0, 1e-2, seed=12, n=3)
+    want = _straight_routing(votes, a, ba, bu, 3, 1.0)
+    kw = dict(iterations=3, final_lambda=1.0)
+    runs = {}
+    for ratio in (0.0, math.inf, em.RECENTRE_RATIO):  # always / never / default re-centring
+        monkeypatch.setattr(em, "RECENTRE_RATIO", ratio)
+        for chunk in (1, 2, None):
+            runs[(ratio, chunk)] = _grads_of(
+                lambda v, x, y, z, chunk=chunk: em_routing(v, x, y, z, chunk=chunk, **kw),
+                votes, a, ba, bu, seed=13)
+    runs["autograd"] = _grads_of(lambda v, x, y, z: em.em_routing_autograd(v, x, y, z, **kw),
+                                 votes, a, ba, bu, seed=13)
+    base_outs, base_grads = runs["autograd"]
+    for o, w in zip(base_outs, want, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-8, atol=1e-9)
+    for outs, grads in runs.values():
+        for o, b in zip(outs, base_outs, strict=True):
+            torch.testing.assert_close(o, b, rtol=1e-8, atol=1e-9)
+        for g, b in zip(grads, base_grads, strict=True):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("ratio", [0.0, math.inf])
+def test_custom_backward_gradcheck_with_fold(monkeypatch, ratio):
+    import robustcaps.models.em_routing as em
+
+    monkeypatch.setattr(em, "RECENTRE_RATIO", ratio)
+    layer = ConvCaps(1, 2, 3, 1)
+    fold = layer.fold(4, 4, torch.device("cpu"))  # L = 4 positions, J = 9 slots
+    g = torch.Generator().manual_seed(14)
+    votes = torch.randn(3, 4, 2, 9, 16, generator=g).requires_grad_(True)
+    a = torch.rand(3, 4, 9, generator=g).requires_grad_(True)
+    ba = torch.randn(2, generator=g).requires_grad_(True)
+    bu = (0.3 * torch.randn(2, generator=g)).requires_grad_(True)
+
+    def fn(v, x, y, z):
+        r = em_routing(v, x, y, z, iterations=3, final_lambda=0.7, fold=fold,
+                       data_scale=16 / 8, chunk=2)
+        return r.poses, r.logits, r.R
+
+    assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=True)

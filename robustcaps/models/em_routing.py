@@ -190,16 +190,38 @@ def _centred_moments(
         c = torch.bmm(rw, v) / (rw.sum(-1, keepdim=True) + MASS_EPS)  # (m, 1, H)
         if not build_u:
             return c, None
+    return c, _build_u(v, c, buf)
+
+
+def _build_u(v: torch.Tensor, c: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """U = [v - c, (v - c)^2] (m, J, 2H) for v (m, J, H), c (m, 1, H) constant.
+
+    Without autograd it is written into ``buf`` (or a new buffer) in two passes; under
+    autograd (the ``torch.compile`` path) it is an ordinary differentiable ``cat``.
+    """
+    m, J, H = v.shape
+    if torch.is_grad_enabled() and v.requires_grad:
+        dv = v - c
+        return torch.cat((dv, dv * dv), -1)
+    with torch.no_grad():
         if buf is None:
-            U = votes.new_empty(m, J, 2 * H)
+            U = v.new_empty(m, J, 2 * H)
         else:
             U = buf.reshape(-1)[: m * J * 2 * H].view(m, J, 2 * H)
         torch.sub(v, c, out=U[..., :H])
         torch.mul(U[..., :H], U[..., :H], out=U[..., H:])
-    return c, U
+    return U
+
+
+# Re-centre U about the current means when some parent's mean has moved more than
+# sqrt(RECENTRE_RATIO) ~ 32 standard deviations (in some pose element) from the reference:
+# the cancellation in the centred moments costs about eps * d^2 / var relative precision in
+# var (float32: <= 1e-4 below this ratio). At random init this fires in ~1 chunk in 8.
+RECENTRE_RATIO = 1000.0
 
 
 def _route(
+    V: torch.Tensor,
     U: torch.Tensor,
     c: torch.Tensor,
     a: torch.Tensor,
@@ -212,8 +234,10 @@ def _route(
     var_floor: float,
     shape: tuple[int, int, int, int],
     tape: list | None = None,
+    recentre: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Procedure 1 on the centred moments ``U`` (m, J, 2H) about ``c`` (m, 1, H).
+    """Procedure 1 on the centred moments ``U`` (m, J, 2H) of the votes V (m, J, H) about
+    the constant ``c`` (m, 1, H).
 
     a: (n, L, 1, J) child activations; R0: initial assignment broadcastable to (n, L, C, J);
     shape: (n, L, C, J). Every M-step is one ``bmm`` ``(1, J) @ (J, 2H)`` per parent giving
@@ -224,6 +248,11 @@ def _route(
     [d / var, -0.5 / var] @ U^T - 0.5 sum_h d^2 / var``. With ``tape`` (a list), the
     weights ``rw`` (m, 1, J), M-step sums ``S`` (m, 1, 2H), E-step weights ``w`` (m, 1, 2H)
     and results ``e`` (m, 1, J) are appended, for the hand-written gradient w.r.t. ``U``.
+    Re-centring (float32 precision when a mean moves far from ``c``): ``recentre="auto"``
+    rebuilds U about the current means (still constants for autograd, so the algebra and
+    the gradients are unchanged) at an M-step where ``max d^2 / var > RECENTRE_RATIO``;
+    ``"always"`` at every M-step after the first (branch-free, for ``torch.compile``). A
+    rebuild is recorded in ``tape`` as ``("C", c, U)``; later entries refer to that U.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
     """
     n, L, C, J = shape
@@ -235,12 +264,22 @@ def _route(
     for t, lam in enumerate(lambdas):
         # ---- M-step: one bmm per parent for both moments
         rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
-        S = torch.bmm(rw, U)  # (m, 1, 2H)
         mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
         denom = mass + MASS_EPS
-        S1, S2 = S[..., :H], S[..., H:]
-        d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
-        var = (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
+        for attempt in range(2):
+            S = torch.bmm(rw, U)  # (m, 1, 2H)
+            S1, S2 = S[..., :H], S[..., H:]
+            d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
+            var = (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
+            if attempt or t == 0 or not (
+                recentre == "always"
+                or (recentre == "auto" and bool((d * d / var).amax() > RECENTRE_RATIO))
+            ):
+                break
+            c = (c + d).detach()
+            U = _build_u(V, c, None)
+            if tape is not None:
+                tape.append(("C", c, U))
         mu = (c + d).reshape(n, L, C, H)
         log_var = var.log()
         sum_log_sigma = 0.5 * log_var.sum(-1).reshape(n, L, C)
@@ -288,9 +327,10 @@ def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None, buf=None)
     R0 = _initial_R(votes, cfg.fold)
     a = a_in[:, :, None, :]
     c, U = _centred_moments(votes, (R0 * a).detach(), buf=buf)
-    mu, logits, R = _route(U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
+    V = votes.reshape(U.shape[0], J, -1)
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
                            cfg.data_scale, cfg.var_floor, (n, L, C, J), tape)
-    return mu, logits, R, U
+    return mu, logits, R, c, U
 
 
 class _EMRouting(torch.autograd.Function):
@@ -311,7 +351,7 @@ class _EMRouting(torch.autograd.Function):
         R = votes.new_empty(n, L, C, J)
         buf = votes.new_empty(cfg.chunk * L * C * J * 2 * H)
         for s in _chunks(n, cfg.chunk):
-            mu[s], logits[s], R[s], _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg,
+            mu[s], logits[s], R[s], _, _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg,
                                                      buf=buf)
         ctx.save_for_backward(votes, a_in, beta_a, beta_u)
         ctx.cfg = cfg
@@ -335,7 +375,7 @@ class _EMRouting(torch.autograd.Function):
                 ba = beta_a.detach().requires_grad_(True)
                 bu = beta_u.detach().requires_grad_(True)
                 tape: list = []
-                mu, logits, R, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape, buf[0])
+                mu, logits, R, c, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape, buf[0])
                 outs, gouts = [], []
                 for o, g in ((mu, g_mu), (logits, g_logits), (R, g_R)):
                     if g is not None and o.requires_grad:
@@ -344,27 +384,35 @@ class _EMRouting(torch.autograd.Function):
                 if not outs:
                     g_votes[s] = 0
                     continue
-                inputs = [x[2] for x in tape] + [a_c, ba, bu]
+                ops = [x for x in tape if x[0] != "C"]
+                inputs = [x[2] for x in ops] + [a_c, ba, bu]
                 grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
             m = U.shape[0]
-            left, right = [], []
-            for (kind, coef, _), g in zip(tape, grads[: len(tape)], strict=True):
+            gv = g_votes[s].reshape(m, J, H)  # a view (see em_routing)
+            gv.zero_()
+            # one segment per U (the initial one, then one per re-centring)
+            segments: list[tuple[torch.Tensor, list, list]] = [(U, [], [])]
+            it = iter(grads[: len(ops)])
+            for kind, coef, out in tape:
+                if kind == "C":
+                    segments.append((out, [], []))
+                    continue
+                g = next(it)
                 if g is None:
                     continue
+                _, left, right = segments[-1]
                 if kind == "M":  # S = rw @ U: dU += rw^T dS
                     left.append(coef.transpose(1, 2))
                     right.append(g)
                 else:  # e = w @ U^T: dU += de^T w
                     left.append(g.transpose(1, 2))
                     right.append(coef)
-            gv = g_votes[s].reshape(m, J, H)  # a view (see em_routing)
-            if left:
-                dU = buf[1, : m * J * 2 * H].view(m, J, 2 * H)
-                torch.bmm(torch.cat(left, 2), torch.cat(right, 1), out=dU)
-                torch.addcmul(dU[..., :H], U[..., :H], dU[..., H:], value=2.0, out=gv)
-            else:
-                gv.zero_()
-            for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(tape):], strict=True):
+            dU = buf[1, : m * J * 2 * H].view(m, J, 2 * H)
+            for Uk, left, right in segments:
+                if left:  # dV += dU[:H] + 2 (V - c_k) dU[H:]
+                    torch.bmm(torch.cat(left, 2), torch.cat(right, 1), out=dU)
+                    gv.add_(dU[..., :H]).addcmul_(Uk[..., :H], dU[..., H:], value=2.0)
+            for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(ops):], strict=True):
                 if g is not None:
                     dst += g
         return g_votes, g_a, g_ba, g_bu, None
@@ -436,10 +484,11 @@ def em_routing_autograd(
     R0 = _initial_R(votes, fold)
     a = a_in[:, :, None, :]
     c, _ = _centred_moments(votes, (R0 * a).detach(), build_u=False)
-    dv = votes.reshape(m, J, H) - c
+    V = votes.reshape(m, J, H)
+    dv = V - c
     U = torch.cat((dv, dv * dv), -1)
-    mu, logits, R = _route(U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
-                           fold, data_scale, var_floor, (n, L, C, J))
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
+                           fold, data_scale, var_floor, (n, L, C, J), recentre="always")
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
