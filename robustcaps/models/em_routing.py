@@ -327,7 +327,7 @@ def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None, buf=None)
     R0 = _initial_R(votes, cfg.fold)
     a = a_in[:, :, None, :]
     c, U = _centred_moments(votes, (R0 * a).detach(), buf=buf)
-    V = votes.reshape(U.shape[0], J, -1)
+    V = votes.detach().reshape(U.shape[0], J, -1)  # differentiated by hand, never by autograd
     mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
                            cfg.data_scale, cfg.var_floor, (n, L, C, J), tape)
     return mu, logits, R, c, U
@@ -389,7 +389,7 @@ class _EMRouting(torch.autograd.Function):
                 grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
             m = U.shape[0]
             gv = g_votes[s].reshape(m, J, H)  # a view (see em_routing)
-            gv.zero_()
+            first = True
             # one segment per U (the initial one, then one per re-centring)
             segments: list[tuple[torch.Tensor, list, list]] = [(U, [], [])]
             it = iter(grads[: len(ops)])
@@ -402,16 +402,23 @@ class _EMRouting(torch.autograd.Function):
                     continue
                 _, left, right = segments[-1]
                 if kind == "M":  # S = rw @ U: dU += rw^T dS
-                    left.append(coef.transpose(1, 2))
+                    left.append(coef)
                     right.append(g)
                 else:  # e = w @ U^T: dU += de^T w
-                    left.append(g.transpose(1, 2))
+                    left.append(g)
                     right.append(coef)
             dU = buf[1, : m * J * 2 * H].view(m, J, 2 * H)
             for Uk, left, right in segments:
                 if left:  # dV += dU[:H] + 2 (V - c_k) dU[H:]
-                    torch.bmm(torch.cat(left, 2), torch.cat(right, 1), out=dU)
-                    gv.add_(dU[..., :H]).addcmul_(Uk[..., :H], dU[..., H:], value=2.0)
+                    # (m, K, J)^T @ (m, K, 2H): K = number of M-/E-steps that read Uk
+                    torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1), out=dU)
+                    if first:
+                        torch.addcmul(dU[..., :H], Uk[..., :H], dU[..., H:], value=2.0, out=gv)
+                        first = False
+                    else:
+                        gv.add_(dU[..., :H]).addcmul_(Uk[..., :H], dU[..., H:], value=2.0)
+            if first:
+                gv.zero_()
             for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(ops):], strict=True):
                 if g is not None:
                     dst += g
