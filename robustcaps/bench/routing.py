@@ -88,8 +88,28 @@ def benchmark_routing(
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
     compile_routing: bool = False,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per configuration: forward and forward+backward images/s and peak memory."""
+    """One row per configuration: forward and forward+backward images/s and peak memory.
+
+    ``threads``: intra-op CPU threads for the measurement (restored afterwards); None keeps
+    torch's current setting.
+    """
+    if threads is not None and threads < 1:
+        raise RobustcapsError(f"threads must be positive, got {threads}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark(configs, device, batch_size, iterations, repeats, dtype,
+                          compile_routing)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size: int,
+               iterations: int, repeats: int, dtype: torch.dtype,
+               compile_routing: bool) -> list[dict[str, Any]]:
     from ..models.registry import count_params, create_model
     from ..utils import resolve_device
 
@@ -151,9 +171,13 @@ def benchmark_routing(
               help="Configuration(s) to run (default: both).")
 @click.option("--compile", "compile_routing", is_flag=True,
               help="Route through torch.compile (warm-up then includes compilation).")
+@click.option("--threads", "threads", multiple=True, type=click.IntRange(min=1),
+              help="CPU intra-op threads (repeatable to compare, e.g. --threads 1 --threads 2; "
+                   "default: torch's setting). On a loaded shared CPU 1 thread can be faster.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,
-            models: tuple[str, ...], compile_routing: bool, as_json: bool) -> None:
+            models: tuple[str, ...], compile_routing: bool, threads: tuple[int, ...],
+            as_json: bool) -> None:
     """Capsule network forward and forward+backward (input gradient) images/s and memory."""
     if device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -161,18 +185,19 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
         devices = [device]
     rows = []
     for dev in devices:
-        rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
-                                  compile_routing=compile_routing)
+        for nt in threads or (None,):
+            rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
+                                      compile_routing=compile_routing, threads=nt)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
                f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
-    header = (f"{'model':<14} {'device':<7} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
+    header = (f"{'model':<14} {'device':<7} {'thr':>3} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
               f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
-        click.echo(f"{r['model']:<14} {r['device']:<7} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
+        click.echo(f"{r['model']:<14} {r['device']:<7} {r['threads']:>3} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
                    f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
                    f"{r['forward_backward_peak_mem_mb']:>11.0f}")
