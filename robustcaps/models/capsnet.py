@@ -46,8 +46,8 @@ class CapsNet(nn.Module):
 
     Options: ``iterations`` (1-10, default 3), ``coord_add`` (Coordinate Addition),
     ``pose`` ("matrix" | "vector"), ``final_lambda`` (see em_routing), ``compile_routing``
-    (run the routing through ``torch.compile``: 4-6x faster on CPU after a one-off compile
-    of about a minute per input shape; numerically the same function).
+    (run the routing through ``torch.compile``; numerically the same function, but on the CPU
+    now slower than the eager routing, see ``em_routing.routing_function``).
     """
 
     def __init__(

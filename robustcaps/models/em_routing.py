@@ -530,12 +530,14 @@ _COMPILED: dict[str, object] = {}
 
 
 def routing_function(compiled: bool = False):
-    """:func:`em_routing`, or its ``torch.compile`` d version (fused kernels, CPU and CUDA).
+    """:func:`em_routing`, or ``torch.compile`` of :func:`em_routing_autograd` (CPU and CUDA).
 
-    Compilation happens on the first call for each input shape (about a minute on 2 CPU
-    cores) and pays off over the thousands of forward/backward passes of an attack: on a
-    2-core CPU it runs 4-6x faster than eager. If compiling fails (e.g. no C++ compiler, or
-    CUDA without Triton), the eager function is used after one warning.
+    Compilation happens on the first call for each input shape (20-30 s per network on 2
+    CPU cores). Since the eager routing got its centred-moments/custom-backward/chunked
+    form, the compiled one is SLOWER on the CPU (capsnet-small, 1 thread, loaded machine:
+    39 vs 136 img/s forward, 21 vs 41 forward+backward); it is kept as an option for
+    CUDA experiments. If compiling fails (e.g. no C++ compiler, or CUDA without Triton),
+    the eager function is used after one warning.
     """
     if not compiled:
         return em_routing
