@@ -7,13 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests share 2 cores with nothing else in CI; one thread avoids oversubscription in
-# parallel workers and keeps results deterministic.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One intra-op thread: the suite's tensors are small, and on a shared or loaded machine
+# OpenMP threads waiting for a descheduled sibling made tests several times slower.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MNIST_T10K = SHARED / "data" / "mnist-t10k"
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_zoo(monkeypatch):
+    """Tests see only the zoos they create: committed checkpoints must not change results."""
+    monkeypatch.setenv("ROBUSTCAPS_BUILTIN_ZOO", "0")
 
 
 @pytest.fixture

@@ -130,6 +130,7 @@ def test_write_card_requires_every_field_and_renders_markdown(tmp_path):
 
 def test_repo_zoo_is_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("ROBUSTCAPS_ZOO", raising=False)
+    monkeypatch.setenv("ROBUSTCAPS_BUILTIN_ZOO", "1")
     monkeypatch.chdir(tmp_path)
     assert (REPO / "models").resolve() in [d.resolve() for d in zoo_dirs()]
 
@@ -173,6 +174,7 @@ def test_wheel_ships_the_zoo_and_an_installed_copy_loads_it(zoo, tmp_path):
             "print(json.dumps([robustcaps.__file__, str(e.path), sum(p.numel() for p in m.parameters())]))")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     env.pop("ROBUSTCAPS_ZOO", None)
+    env.pop("ROBUSTCAPS_BUILTIN_ZOO", None)
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
     out = subprocess.run([sys.executable, "-c", code], cwd=run_dir, env=env, capture_output=True,
@@ -182,3 +184,11 @@ def test_wheel_ships_the_zoo_and_an_installed_copy_loads_it(zoo, tmp_path):
     assert module_file.startswith(str(tmp_path / "site"))
     assert entry_path == str(tmp_path / "site" / "robustcaps" / "_zoo" / "toy-cnn")
     assert params == json.loads((zoo / "toy-cnn" / "card.json").read_text())["params"]
+
+
+def test_builtin_zoo_can_be_switched_off(monkeypatch):
+    monkeypatch.delenv("ROBUSTCAPS_ZOO", raising=False)
+    monkeypatch.setenv("ROBUSTCAPS_BUILTIN_ZOO", "1")
+    assert (REPO / "models").resolve() in [d.resolve() for d in zoo_dirs()]
+    monkeypatch.setenv("ROBUSTCAPS_BUILTIN_ZOO", "0")
+    assert (REPO / "models").resolve() not in [d.resolve() for d in zoo_dirs()]

@@ -51,6 +51,9 @@ def _build_named(name: str, options: Mapping[str, Any], *, for_weights: bool) ->
     architecture of a zoo entry (its weights are replaced by the user's)."""
     zoo = list_zoo()
     arch_opts = {k: options[k] for k in ("num_classes", "input_shape") if options.get(k) is not None}
+    if for_weights and name in architectures():
+        # NAME@weights means NAME's architecture, whatever a zoo entry of that name holds.
+        return create_model(name, **{k: tuple(v) if k == "input_shape" else v for k, v in arch_opts.items()})
     if name in zoo:
         if not for_weights:
             if arch_opts:
@@ -181,7 +184,7 @@ def load_model(
     # built for the defaults (the dataset) unless the user says otherwise.
     named = parsed.base if parsed.kind == "weights" else parsed
     if named is not None and named.kind == "name" and named.name in architectures() \
-            and named.name not in list_zoo():
+            and (parsed.kind == "weights" or named.name not in list_zoo()):
         for key, value in defaults.items():
             options.setdefault(key, value)
     built = _build(parsed, options, device=device, trust_pickle=trust_pickle)

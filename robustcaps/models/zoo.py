@@ -9,6 +9,9 @@ Zoo folders are searched in this order:
 3. ``robustcaps/_zoo`` inside an installed (non-editable) package, where the build copies
    ``models/``.
 
+``ROBUSTCAPS_BUILTIN_ZOO=0`` leaves out 2 and 3 (the test suite does, so that its results do
+not depend on which checkpoints are committed).
+
 Weights are always loaded with ``torch.load(weights_only=True)`` and their sha256 is
 checked against the card before use.
 
@@ -55,10 +58,11 @@ def zoo_dirs() -> list[Path]:
     env = os.environ.get("ROBUSTCAPS_ZOO")
     if env:
         dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    root = repo_root()
-    if root is not None:
-        dirs.append(root / "models")
-    dirs.append(Path(__file__).resolve().parent.parent / "_zoo")
+    if os.environ.get("ROBUSTCAPS_BUILTIN_ZOO", "1") != "0":
+        root = repo_root()
+        if root is not None:
+            dirs.append(root / "models")
+        dirs.append(Path(__file__).resolve().parent.parent / "_zoo")
     return [d for d in dirs if d.is_dir()]
 
 
