@@ -91,3 +91,39 @@ def test_cli_suite_with_override(tmp_path, capsys):
         main(["evaluate", "--suite", str(bad), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "unknown key 'attacks'" in err[0]
+
+
+def test_suite_model_tables_carry_adapter_options(tmp_path, capsys):
+    """A model entry may be a table with adapter options; bad options name the key."""
+    import gzip
+    import json
+
+    g = np.random.default_rng(1)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=g.uniform(0, 1, (9, 1, 8, 8)).astype(np.float32), y=np.arange(9) % 3)
+    net = tmp_path / "net.py"
+    net.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); torch.manual_seed(0); self.fc = torch.nn.Linear(64, 3)\n"
+        "    def forward(self, x):\n"
+        "        return {'aux': x.sum(), 'logits_out': self.fc(x.flatten(1))}\n"
+        "def build():\n"
+        "    return Net()\n")
+    suite = _write(tmp_path, f'attack = "fgsm"\ndataset = "npz:{data}"\nepsilons = [0.0, 0.1]\n'
+                             f'models = [{{spec = "{net}:build", output_key = "logits_out", '
+                             'bounds = [0.0, 1.0], name = "mine"}]\n')
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--suite", str(suite), "--out", str(out), "-q", "--no-figures"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    with gzip.open(out / "records.csv.gz", "rt") as f:
+        header = f.readline()
+        rows = f.readlines()
+    assert len(rows) == 9 * 2 and "mine" in rows[0]
+    assert json.loads((out / "config.json").read_text())["n_samples"] == 9
+    assert "model" in header
+    bad = _write(tmp_path, f'attack = "fgsm"\nmodels = [{{spec = "{net}:build", colour = 1}}]\n')
+    with pytest.raises(RobustcapsError, match="colour"):
+        load_suite(bad)

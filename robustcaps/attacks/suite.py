@@ -7,7 +7,7 @@ A suite is a flat TOML table; every key is optional and maps to an ``evaluate`` 
     description = "..."
     attack = ["fgsm", "bim"]          # fgsm | bim | transfer | all, or a list
     mode = "both"                     # untargeted | targeted | both
-    models = ["capsnet-small", "cnn"]
+    models = ["capsnet-small", "cnn"] # or tables: {spec = "f.py:build", output_key = "logits"}
     dataset = "synthnorb"             # synthnorb | smallnorb | mnist | npz:PATH
     split = "test"
     epsilons = [0.0, 0.05, 0.1]       # or eps_range = "0:0.5:0.05" (not both)
@@ -61,8 +61,8 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "attack": (lambda v: _str_list(v, ("fgsm", "bim", "transfer", "all")),
                "fgsm, bim, transfer, all or a list of them"),
     "mode": (lambda v: v in ("untargeted", "targeted", "both"), "untargeted, targeted or both"),
-    "models": (lambda v: isinstance(v, list) and v and all(isinstance(s, str) and s for s in v),
-               "a non-empty list of model specs"),
+    "models": (lambda v: isinstance(v, list) and v and all(_model_entry(s) for s in v),
+               "a non-empty list of model specs or tables {spec = ..., <adapter options>}"),
     "dataset": (lambda v: isinstance(v, str) and v, "a dataset name"),
     "split": (lambda v: isinstance(v, str) and v, "a split name"),
     "data_dir": (lambda v: isinstance(v, str) and v, "a folder path"),
@@ -85,6 +85,19 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "transfer_attack": (lambda v: v in ("fgsm", "bim"), "fgsm or bim"),
 }
 SUITE_KEYS = tuple(_SCHEMA)
+
+
+def _model_entry(v: Any) -> bool:
+    """A spec string, or a table that ModelRequest.from_mapping accepts (it raises a
+    RobustcapsError naming the bad adapter option)."""
+    if isinstance(v, str):
+        return bool(v)
+    if isinstance(v, dict):
+        from ..commands._model_options import ModelRequest
+
+        ModelRequest.from_mapping(v)
+        return True
+    return False
 
 
 def _str_list(v: Any, allowed: tuple[str, ...]) -> bool:
