@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import RobustcapsError
-from ..models.adapter import LOSSES, ModelAdapter
+from ..models.adapter import ModelAdapter
 from .base import Attack, AttackResult
 from .native import (
     BIM_DEFAULT_STEPS,
@@ -81,15 +81,6 @@ def attack_box(adapter: ModelAdapter, x: torch.Tensor, eps: np.ndarray) -> tuple
 
 
 class _LibraryAttack(Attack):
-    def __init__(self, *, loss: str | None = None, batch_size: int | None = None) -> None:
-        if loss is not None and loss not in LOSSES:
-            raise RobustcapsError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        self.loss = loss
-        self.batch_size = batch_size
-
-    def params(self) -> dict[str, Any]:
-        return {"loss": self.loss}
-
     def run(
         self,
         adapter: ModelAdapter,

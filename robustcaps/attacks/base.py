@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.adapter import ModelAdapter
+from ..errors import RobustcapsError
+from ..models.adapter import LOSSES, ModelAdapter
 
 
 @dataclass
@@ -72,6 +73,20 @@ class Attack(ABC):
 
     name: str = "attack"
     backend: str = "native"
+
+    def __init__(self, *, loss: str | None = None, batch_size: int | None = None) -> None:
+        """``loss``: the adapter loss to differentiate (None: the adapter's own);
+        ``batch_size``: samples per forward/backward (None: all at once)."""
+        if loss is not None and loss not in LOSSES:
+            raise RobustcapsError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if batch_size is not None and batch_size < 1:
+            raise RobustcapsError(f"batch_size must be >= 1, got {batch_size}")
+        self.loss = loss
+        self.batch_size = batch_size
+
+    def params(self) -> dict[str, Any]:
+        """The settings that identify this attack's results (for manifests and resume)."""
+        return {"loss": self.loss}
 
     @abstractmethod
     def run(

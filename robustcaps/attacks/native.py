@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import RobustcapsError
-from ..models.adapter import LOSSES, ModelAdapter
+from ..models.adapter import ModelAdapter
 from .base import Attack, AttackResult
 
 #: total BIM travel ``steps * alpha`` as a multiple of eps when no step size is given
@@ -146,17 +146,6 @@ def _result(
 
 class _NativeAttack(Attack):
     backend = "native"
-
-    def __init__(self, *, loss: str | None = None, batch_size: int | None = None) -> None:
-        if loss is not None and loss not in LOSSES:
-            raise RobustcapsError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if batch_size is not None and batch_size < 1:
-            raise RobustcapsError(f"batch_size must be >= 1, got {batch_size}")
-        self.loss = loss
-        self.batch_size = batch_size
-
-    def params(self) -> dict[str, Any]:
-        return {"loss": self.loss}
 
     def run(
         self,
