@@ -44,6 +44,7 @@ from .native import (
     BIM_DEFAULT_STEPS,
     _result,
     bim_step_size,
+    check_bim_settings,
     check_epsilons,
     check_inputs,
     check_targets,
@@ -229,10 +230,7 @@ class TorchattacksBIM(_TorchattacksAttack):
     def __init__(self, *, steps: int = BIM_DEFAULT_STEPS, step_size: float | None = None,
                  loss: str | None = None, batch_size: int | None = None) -> None:
         super().__init__(loss=loss, batch_size=batch_size)
-        if int(steps) < 1:
-            raise RobustcapsError(f"steps must be an integer >= 1, got {steps!r}")
-        self.steps = int(steps)
-        self.step_size = step_size
+        self.steps, self.step_size = check_bim_settings(steps, step_size)
 
     def params(self) -> dict[str, Any]:
         return {"loss": self.loss, "steps": self.steps, "step_size": self.step_size,
@@ -321,10 +319,7 @@ class FoolboxBIM(_FoolboxAttack):
     def __init__(self, *, steps: int = BIM_DEFAULT_STEPS, step_size: float | None = None,
                  loss: str | None = None, batch_size: int | None = None) -> None:
         super().__init__(loss=loss, batch_size=batch_size)
-        if int(steps) < 1:
-            raise RobustcapsError(f"steps must be an integer >= 1, got {steps!r}")
-        self.steps = int(steps)
-        self.step_size = step_size
+        self.steps, self.step_size = check_bim_settings(steps, step_size)
 
     def params(self) -> dict[str, Any]:
         return {"loss": self.loss, "steps": self.steps, "step_size": self.step_size,

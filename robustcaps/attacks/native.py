@@ -109,6 +109,15 @@ def _sign(grad: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(grad, nan=0.0).sign()
 
 
+def check_bim_settings(steps: Any, step_size: Any) -> tuple[int, float | None]:
+    """Validated BIM ``(steps, step_size)``, shared by every backend's BIM."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise RobustcapsError(f"steps must be an integer >= 1, got {steps!r}")
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise RobustcapsError(f"step_size must be a positive number, got {step_size!r}")
+    return int(steps), None if step_size is None else float(step_size)
+
+
 def bim_step_size(eps: float, steps: int, step_size: float | None) -> float:
     """The BIM step ``alpha`` for ``eps``: ``step_size`` or ``BIM_TRAVEL * eps / steps``."""
     return float(step_size) if step_size is not None else BIM_TRAVEL * float(eps) / steps
@@ -252,12 +261,7 @@ class BIM(_NativeAttack):
                  early_stop: bool = True, loss: str | None = None,
                  batch_size: int | None = None) -> None:
         super().__init__(loss=loss, batch_size=batch_size)
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-            raise RobustcapsError(f"steps must be an integer >= 1, got {steps!r}")
-        if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
-            raise RobustcapsError(f"step_size must be a positive number, got {step_size!r}")
-        self.steps = int(steps)
-        self.step_size = None if step_size is None else float(step_size)
+        self.steps, self.step_size = check_bim_settings(steps, step_size)
         self.early_stop = bool(early_stop)
 
     def params(self) -> dict[str, Any]:
