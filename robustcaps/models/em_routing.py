@@ -19,11 +19,14 @@ touch them as few times as possible:
   vote size happens inside the loop. ``U`` is rebuilt about the current means when a mean
   moves more than ~32 sigma from ``c`` (``RECENTRE_RATIO``), so float32 keeps its
   precision on tight clusters (tested against float64).
-- Custom backward (:class:`_EMRouting`): the forward saves only its inputs; the backward
-  re-routes with autograd on the small (per-parent / per-slot) tensors only and forms
-  ``dL/dU`` for all iterations as ONE bmm, then ``dL/dV = dU[:16] + 2 (V - c) dU[16:]``.
+- Hand-written backward (:class:`_EMRouting`): when an input needs a gradient, the
+  forward keeps per chunk the per-parent moments of every M-step and the assignments
+  ``R_t`` of the later ones (``(T-1)/32`` of ``U``'s size); the backward rebuilds each
+  chunk's ``U`` once and sweeps the iterations in reverse in closed form (no re-run of
+  the forward routing, no autograd): ``d rw_t = dS_t U^T`` and ``dw_t = de_t U``, then
+  ``dL/dU`` for all iterations as ONE bmm and ``dL/dV = dU[:16] + 2 (V - c) dU[16:]``.
   First derivatives only (``once_differentiable``); :func:`em_routing_autograd` is the same
-  computation as a plain autograd graph (used for ``torch.compile``).
+  computation as a plain autograd graph (used for ``torch.compile`` and as a test oracle).
 - Cache blocking on the CPU: the routing runs over sample chunks of ``CPU_CHUNK`` (2)
   images, vectorised inside a chunk, with reused buffers, so ``U`` (5.3 MB per image for
   capsnet-small's ConvCaps1) stays in L2/L3 across the iterations; chunk 2 measured 1.8x
@@ -347,27 +350,231 @@ def _chunks(n: int, chunk: int) -> list[slice]:
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
-def _route_chunk(votes, a_in, beta_a, beta_u, cfg: _Config, tape=None, buf=None):
-    """Route one sample chunk: votes (n, L, C, J, H), a_in (n, L, J). Returns
-    (mu, logits, R, U) with U the centred moments (for the backward), stored in ``buf``."""
-    n, L, C, J, _ = votes.shape
-    R0 = _initial_R(votes, cfg.fold)
+def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """Per-child sum over every parent the child feeds, broadcast back to its slots.
+
+    x: (n, L, C, J) -> (n, L, 1, J) (sum over parent types, then, with ``fold``, over every
+    slot the child occupies).
+    """
+    total = x.sum(2)  # (n, L, J)
+    if fold is not None:
+        n, L, J = total.shape
+        b = fold.types
+        t = total.reshape(n, -1, b)
+        t = t.new_zeros((n, fold.n_pos, b)).index_add_(1, fold.index, t)
+        total = t.index_select(1, fold.index).reshape(n, L, J)
+    return total[:, :, None, :]
+
+
+def _normalise_(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage."""
+    n, L, C, J = z.shape
+    shift = z.amax(2)  # (n, L, J)
+    if fold is not None:
+        b = fold.types
+        s = shift.reshape(n, -1, b)
+        idx = fold.index.reshape(1, -1, 1).expand_as(s)
+        child = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
+        shift = child.index_select(1, fold.index).reshape(n, L, J)
+    z.sub_(shift[:, :, None, :]).exp_()
+    return z.div_(_fold_sum(z, fold))
+
+
+@dataclass
+class _Step:
+    """What the backward needs of one M-step (and the E-step that follows it), per chunk.
+
+    c: (m, 1, H) reference of the U it used; S: (m, 1, 2H) moments; mass: (m, 1, 1);
+    d = mu - c, var: (m, 1, H); q: (m, 1, H) unclamped centred second moment;
+    sls: (m, 1) 0.5 sum_h log var; logits: (n, L, C); R: (n, L, C, J) the assignment this
+    M-step used (None for the constant initial one).
+    """
+
+    c: torch.Tensor
+    S: torch.Tensor
+    mass: torch.Tensor
+    d: torch.Tensor
+    var: torch.Tensor
+    q: torch.Tensor
+    sls: torch.Tensor
+    logits: torch.Tensor
+    R: torch.Tensor | None
+
+
+def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor,
+                   beta_u: torch.Tensor, cfg: _Config, buf: torch.Tensor,
+                   steps: list[_Step] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Procedure 1 for one sample chunk, no autograd (the same algebra as :func:`_route`).
+
+    votes: (n, L, C, J, H), a_in: (n, L, J); buf: storage for U. With ``steps`` (a list)
+    every M-step's :class:`_Step` is appended for :meth:`_EMRouting.backward`.
+    Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J).
+    """
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    fold, lambdas, ds, floor = cfg.fold, cfg.lambdas, cfg.data_scale, cfg.var_floor
+    R0 = _initial_R(votes, fold)
     a = a_in[:, :, None, :]
-    c, U = _centred_moments(votes, (R0 * a).detach(), buf=buf)
-    V = votes.detach().reshape(U.shape[0], J, -1)  # differentiated by hand, never by autograd
-    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, list(cfg.lambdas), cfg.fold,
-                           cfg.data_scale, cfg.var_floor, (n, L, C, J), tape)
-    return mu, logits, R, c, U
+    V = votes.reshape(m, J, H)
+    rw = (R0 * a).expand(n, L, C, J).reshape(m, 1, J)
+    mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
+    denom = mass + MASS_EPS
+    c = torch.bmm(rw, V).div_(denom)  # (m, 1, H)
+    U = _build_u(V, c, buf)
+    bu_h = (H * beta_u).reshape(1, 1, C)
+    ba = beta_a.reshape(1, 1, C)
+    R = None
+    last = len(lambdas) - 1
+    for t, lam in enumerate(lambdas):
+        if t:
+            rw = (R * a).reshape(m, 1, J)
+            mass = rw.sum(-1, keepdim=True)
+            denom = mass + MASS_EPS
+        for attempt in range(2):
+            S = torch.bmm(rw, U)  # (m, 1, 2H)
+            S1 = S[..., :H]
+            d = (S1 - MASS_EPS * c).div_(denom)
+            q = S[..., H:] - d * (2.0 * S1 - d * mass)
+            var = q.clamp_min(0.0).div_(denom).add_(floor)
+            if attempt or t == 0 or not bool((d * d / var).amax() > RECENTRE_RATIO):
+                break
+            c = c + d
+            U = _build_u(V, c, buf)
+        mu = c + d
+        sls = 0.5 * var.log().sum(-1)  # (m, 1)
+        logits = lam * (ba - (bu_h + sls.view(n, L, C)) * (mass.view(n, L, C) / ds))
+        if steps is not None:
+            steps.append(_Step(c, S, mass, d, var, q, sls, logits, R))
+        if t == last:
+            break
+        inv = var.reciprocal()
+        w = torch.cat((d * inv, -0.5 * inv), -1)  # (m, 1, 2H)
+        e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J)
+        const = -0.5 * (d * d * inv).sum(-1) - sls - 0.5 * H * LOG_2PI  # (m, 1)
+        z = e.view(m, J).add_(const).view(n, L, C, J).add_(F.logsigmoid(logits)[..., None])
+        R = _normalise_(z, fold)
+    if R is None:
+        R = R0.expand(n, L, C, J)
+    return mu.view(n, L, C, H), logits, R
+
+
+def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor,
+                    cfg: _Config, steps: list[_Step], g_mu: torch.Tensor | None,
+                    g_logits: torch.Tensor | None, g_R: torch.Tensor | None,
+                    g_votes: torch.Tensor, g_a: torch.Tensor, g_ba: torch.Tensor,
+                    g_bu: torch.Tensor, buf: torch.Tensor) -> None:
+    """Reverse sweep of :func:`_forward_chunk` by hand, one chunk.
+
+    The per-parent/per-slot algebra is differentiated in closed form; the products with
+    ``U`` are ``d rw_t = dS_t @ U^T`` (M-steps) and ``dw_t = de_t @ U`` (E-steps), and
+    ``dL/dU = sum_t rw_t^T dS_t + de_t^T w_t`` is ONE bmm per U (one U unless the forward
+    re-centred), then ``dL/dV = dU[:H] + 2 (V - c) dU[H:]`` is written into ``g_votes``
+    (n, L, C, J, H). g_a (n, L, J), g_ba, g_bu (C,) are accumulated into.
+    """
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    fold, lambdas, ds = cfg.fold, cfg.lambdas, cfg.data_scale
+    V = votes.reshape(m, J, H)
+    gv = g_votes.reshape(m, J, H)  # a view (same strides as votes)
+    R0 = _initial_R(votes, fold)
+    a = a_in[:, :, None, :]
+    bu_h = (H * beta_u).reshape(1, 1, C)
+    new = votes.new_zeros
+    gl = g_logits if g_logits is not None else new(n, L, C)
+    gd = g_mu.reshape(m, 1, H) if g_mu is not None else new(m, 1, H)
+    gvar = new(m, 1, H)
+    gsls = new(m, 1)
+    gR = g_R
+    cur_c: torch.Tensor | None = None
+    U = None
+    left: list[torch.Tensor] = []
+    right: list[torch.Tensor] = []
+    first = [True]
+    U_buf, dU_buf = buf[0], buf[1]
+
+    def flush() -> None:  # dV += dU[:H] + 2 (V - c) dU[H:] for the current U
+        if not left:
+            return
+        dU = dU_buf[: m * J * 2 * H].view(m, J, 2 * H)
+        torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1), out=dU)
+        if first[0]:
+            torch.addcmul(dU[..., :H], U[..., :H], dU[..., H:], value=2.0, out=gv)
+            first[0] = False
+        else:
+            gv.add_(dU[..., :H]).addcmul_(U[..., :H], dU[..., H:], value=2.0)
+        left.clear()
+        right.clear()
+
+    def use(c: torch.Tensor) -> torch.Tensor:
+        nonlocal cur_c, U
+        if c is not cur_c:
+            flush()
+            U = _build_u(V, c, U_buf)
+            cur_c = c
+        return U
+
+    for t in range(len(lambdas) - 1, -1, -1):
+        st, lam = steps[t], lambdas[t]
+        # ---- M-step t: logits = lam (ba - (H bu + sls) mass / ds), mu = c + d
+        g_ba += lam * gl.sum((0, 1))
+        g_cost = (-lam) * gl  # (n, L, C)
+        mass_n = st.mass.view(n, L, C)
+        g_bu += H * (g_cost * mass_n).sum((0, 1)) / ds
+        gsls = gsls + (g_cost * mass_n / ds).reshape(m, 1)
+        g_mass = (g_cost * (bu_h + st.sls.view(n, L, C)) / ds).reshape(m, 1, 1)
+        gvar = gvar + (0.5 * gsls)[..., None] / st.var
+        denom = st.mass + MASS_EPS
+        qc = st.q.clamp_min(0.0)
+        g_q = torch.where(st.q >= 0, gvar / denom, 0.0)
+        g_den = -(gvar * qc).sum(-1, keepdim=True) / (denom * denom)
+        S1, d = st.S[..., :H], st.d
+        gd = gd + 2.0 * g_q * (d * st.mass - S1)
+        g_mass = g_mass + (g_q * d * d).sum(-1, keepdim=True)
+        g_S1 = gd / denom - 2.0 * d * g_q
+        g_den = g_den - (gd * d).sum(-1, keepdim=True) / denom
+        g_S = torch.cat((g_S1, g_q), -1)  # (m, 1, 2H)
+        rw_R = st.R if st.R is not None else R0
+        rw = (rw_R * a).expand(n, L, C, J).reshape(m, 1, J)
+        Ut = use(st.c)
+        g_rw = torch.baddbmm(g_mass + g_den, g_S, Ut.transpose(1, 2))  # (m, 1, J)
+        left.append(rw)
+        right.append(g_S)
+        g_rw = g_rw.view(n, L, C, J)
+        g_a += (g_rw * rw_R).sum(2)
+        if t == 0:
+            break
+        gR_t = g_rw * a if gR is None else g_rw.mul_(a).add_(gR)
+        # ---- E-step t-1: R_t = normalise(e + const + logsigmoid(logits_{t-1}))
+        R_t, prev = st.R, steps[t - 1]
+        g_z = (gR_t - _fold_sum(gR_t * R_t, fold)).mul_(R_t)  # (n, L, C, J)
+        g_const = g_z.sum(-1)  # (n, L, C)
+        gl = g_const * torch.sigmoid(-prev.logits)
+        d, inv = prev.d, prev.var.reciprocal()
+        g_const = g_const.reshape(m, 1, 1)
+        g_e = g_z.reshape(m, 1, J)
+        Ut = use(prev.c)
+        g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
+        left.append(g_e)
+        right.append(torch.cat((d * inv, -0.5 * inv), -1))
+        g_w1, g_w2 = g_w[..., :H], g_w[..., H:]
+        gd = (g_w1 - g_const * d) * inv
+        g_inv = g_w1 * d - 0.5 * g_w2 - 0.5 * g_const * d * d
+        gvar = -g_inv * inv * inv
+        gsls = -g_const.reshape(m, 1)
+        gR = None
+    flush()
+    if first[0]:
+        gv.zero_()
 
 
 class _EMRouting(torch.autograd.Function):
-    """EM routing with a recomputing backward (see "Layout and speed").
+    """EM routing with a hand-written backward (see "Layout and speed").
 
-    Forward saves only its inputs. Backward re-routes each sample chunk with autograd on
-    the small per-parent/per-slot tensors only (``U`` is a constant there), asks autograd
-    for the gradients w.r.t. every M-step sum ``S_t`` and E-step result ``e_t``, and then
-    forms ``dL/dU = sum_t rw_t^T dS_t + sum_t de_t w_t^T`` as ONE bmm of (m, J, 2T-1) by
-    (m, 2T-1, 2H), and ``dL/dV = dU[:H] + 2 (V - c) dU[H:]``.
+    Forward (no autograd) keeps, when an input needs a gradient, each chunk's per-parent
+    moments and the assignments R_t of the later M-steps (:class:`_Step`); backward
+    rebuilds each chunk's ``U`` once from the votes and sweeps the iterations in reverse
+    by hand (:func:`_backward_chunk`), without re-running the forward routing.
     """
 
     @staticmethod
@@ -377,10 +584,16 @@ class _EMRouting(torch.autograd.Function):
         logits = votes.new_empty(n, L, C)
         R = votes.new_empty(n, L, C, J)
         buf = votes.new_empty(cfg.chunk * L * C * J * 2 * H)
+        keep = any(ctx.needs_input_grad[:4])
+        saved: list[list[_Step]] = []
         for s in _chunks(n, cfg.chunk):
-            mu[s], logits[s], R[s], _, _ = _route_chunk(votes[s], a_in[s], beta_a, beta_u, cfg,
-                                                     buf=buf)
+            steps: list[_Step] | None = [] if keep else None
+            mu[s], logits[s], R[s] = _forward_chunk(votes[s], a_in[s], beta_a, beta_u, cfg, buf,
+                                                    steps)
+            if keep:
+                saved.append(steps)
         ctx.save_for_backward(votes, a_in, beta_a, beta_u)
+        ctx.steps = saved
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
         return mu, logits, R
@@ -392,65 +605,19 @@ class _EMRouting(torch.autograd.Function):
         cfg: _Config = ctx.cfg
         n, L, C, J, H = votes.shape
         g_votes = torch.empty_like(votes)  # same strides as votes
-        buf = votes.new_empty(2, cfg.chunk * L * C * J * 2 * H)  # U, dU
         g_a = torch.zeros_like(a_in)
         g_ba = torch.zeros_like(beta_a)
         g_bu = torch.zeros_like(beta_u)
-        for s in _chunks(n, cfg.chunk):
-            with torch.enable_grad():
-                a_c = a_in[s].detach().requires_grad_(True)
-                ba = beta_a.detach().requires_grad_(True)
-                bu = beta_u.detach().requires_grad_(True)
-                tape: list = []
-                mu, logits, R, c, U = _route_chunk(votes[s], a_c, ba, bu, cfg, tape, buf[0])
-                outs, gouts = [], []
-                for o, g in ((mu, g_mu), (logits, g_logits), (R, g_R)):
-                    if g is not None and o.requires_grad:
-                        outs.append(o)
-                        gouts.append(g[s])
-                if not outs:
-                    g_votes[s] = 0
-                    continue
-                ops = [x for x in tape if x[0] != "C"]
-                inputs = [x[2] for x in ops] + [a_c, ba, bu]
-                grads = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
-            m = U.shape[0]
-            gv = g_votes[s].reshape(m, J, H)  # a view (see em_routing)
-            first = True
-            # one segment per U (the initial one, then one per re-centring)
-            segments: list[tuple[torch.Tensor, list, list]] = [(U, [], [])]
-            it = iter(grads[: len(ops)])
-            for kind, coef, out in tape:
-                if kind == "C":
-                    segments.append((out, [], []))
-                    continue
-                g = next(it)
-                if g is None:
-                    continue
-                _, left, right = segments[-1]
-                if kind == "M":  # S = rw @ U: dU += rw^T dS
-                    left.append(coef)
-                    right.append(g)
-                else:  # e = w @ U^T: dU += de^T w
-                    left.append(g)
-                    right.append(coef)
-            dU = buf[1, : m * J * 2 * H].view(m, J, 2 * H)
-            for Uk, left, right in segments:
-                if left:  # dV += dU[:H] + 2 (V - c_k) dU[H:]
-                    # (m, K, J)^T @ (m, K, 2H): K = number of M-/E-steps that read Uk
-                    torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1), out=dU)
-                    if first:
-                        torch.addcmul(dU[..., :H], Uk[..., :H], dU[..., H:], value=2.0, out=gv)
-                        first = False
-                    else:
-                        gv.add_(dU[..., :H]).addcmul_(Uk[..., :H], dU[..., H:], value=2.0)
-            if first:
-                gv.zero_()
-            for dst, g in zip((g_a[s], g_ba, g_bu), grads[len(ops):], strict=True):
-                if g is not None:
-                    dst += g
+        if g_mu is None and g_logits is None and g_R is None:
+            return g_votes.zero_(), g_a, g_ba, g_bu, None
+        buf = votes.new_empty(2, cfg.chunk * L * C * J * 2 * H)  # U, dU
+        for s, steps in zip(_chunks(n, cfg.chunk), ctx.steps, strict=True):
+            _backward_chunk(votes[s], a_in[s], beta_u, cfg, steps,
+                            None if g_mu is None else g_mu[s],
+                            None if g_logits is None else g_logits[s],
+                            None if g_R is None else g_R[s],
+                            g_votes[s], g_a[s], g_ba, g_bu, buf)
         return g_votes, g_a, g_ba, g_bu, None
-
 
 def _config(votes: torch.Tensor, iterations: int, final_lambda: float, fold: Fold | None,
             data_scale: float, var_floor: float, chunk: int | None) -> _Config:
