@@ -303,3 +303,56 @@ def test_hand_backward_matches_autograd_graph_with_recentring(monkeypatch):
     for gg, b in zip(grads, b_grads, strict=True):
         torch.testing.assert_close(gg, b, rtol=1e-6, atol=1e-8)
 
+
+
+@pytest.mark.parametrize("pose,chunk", [("matrix", 2), ("vector", 3), ("matrix", None)])
+def test_em_routing_slots_equals_em_routing_of_the_votes(pose, chunk):
+    """Votes made per chunk inside the routing (forward and backward) give the outputs and
+    the gradients (w.r.t. poses, vote matrices, activations, betas) of routing the whole
+    batch's votes, in float64; conv-layer geometry with border children."""
+    from robustcaps.models.em_routing import em_routing_slots
+
+    layer = ConvCaps(2, 3, 3, 1, iterations=3, pose=pose, final_lambda=0.8)
+    fold = layer.fold(5, 4, torch.device("cpu"))  # L = 3*2 positions, J = 18 slots
+    g = torch.Generator().manual_seed(31)
+    J, n, L, C = 18, 5, 6, 3
+    pt = torch.randn(J, n, L, 16, generator=g).requires_grad_(True)
+    wm = (torch.randn(J, 16, C * 16, generator=g) / 4).requires_grad_(True)
+    a = torch.rand(n, L, J, generator=g).requires_grad_(True)
+    ba = torch.randn(C, generator=g).requires_grad_(True)
+    bu = (0.3 * torch.randn(C, generator=g)).requires_grad_(True)
+    kw = dict(iterations=3, final_lambda=0.8, fold=fold, data_scale=1.7, chunk=chunk)
+    inputs = (pt, wm, a, ba, bu)
+    res = em_routing_slots(pt, wm, a, ba, bu, **kw)
+    votes = torch.bmm(pt.reshape(J, n * L, 16), wm).view(J, n, L, C, 16).permute(1, 2, 3, 0, 4)
+    want = em_routing(votes, a, ba, bu, **kw)
+    outs = []
+    for r in (res, want):
+        o = (r.poses, r.logits, r.R)
+        gg = torch.Generator().manual_seed(32)
+        loss = sum((x * torch.randn(x.shape, generator=gg)).sum() for x in o)
+        outs.append((o, torch.autograd.grad(loss, inputs)))
+    for x, y in zip(outs[0][0], outs[1][0], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    for x, y in zip(outs[0][1], outs[1][1], strict=True):
+        assert x.abs().max() > 0
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+
+
+def test_em_routing_slots_gradcheck():
+    from robustcaps.models.em_routing import em_routing_slots
+
+    layer = ConvCaps(1, 2, 3, 1)
+    fold = layer.fold(4, 4, torch.device("cpu"))  # L = 4, J = 9
+    g = torch.Generator().manual_seed(33)
+    args = (torch.randn(9, 3, 4, 16, generator=g), torch.randn(9, 16, 32, generator=g) / 4,
+            torch.rand(3, 4, 9, generator=g), torch.randn(2, generator=g),
+            0.3 * torch.randn(2, generator=g))
+    args = tuple(x.requires_grad_(True) for x in args)
+
+    def fn(*x):
+        r = em_routing_slots(*x, iterations=2, final_lambda=0.7, fold=fold, data_scale=2.0,
+                             chunk=2)
+        return r.poses, r.logits
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)

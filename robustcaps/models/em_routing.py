@@ -619,11 +619,10 @@ class _EMRouting(torch.autograd.Function):
                             g_votes[s], g_a[s], g_ba, g_bu, buf)
         return g_votes, g_a, g_ba, g_bu, None
 
-def _config(votes: torch.Tensor, iterations: int, final_lambda: float, fold: Fold | None,
-            data_scale: float, var_floor: float, chunk: int | None) -> _Config:
-    n = votes.shape[0]
+def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
+            fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None) -> _Config:
     if chunk is None:
-        chunk = CPU_CHUNK if votes.device.type == "cpu" else n
+        chunk = CPU_CHUNK if device.type == "cpu" else n
     return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
                    float(var_floor), max(1, min(int(chunk), n)))
 
@@ -657,12 +656,117 @@ def em_routing(
 
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
-    cfg = _config(votes, iterations, final_lambda, fold, data_scale, var_floor, chunk)
+    cfg = _config(votes.shape[0], votes.device, iterations, final_lambda, fold, data_scale,
+                  var_floor, chunk)
     n, L, C, J, H = votes.shape
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
     mu, logits, R = _EMRouting.apply(votes, a_in, beta_a, beta_u, cfg)
+    return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+class _EMRoutingSlots(torch.autograd.Function):
+    """:class:`_EMRouting` with the votes made per chunk from the child poses: the votes
+    (and their gradient) never exist for the whole batch (see :func:`em_routing_slots`)."""
+
+    @staticmethod
+    def forward(ctx, pt, wm, a_in, beta_a, beta_u, cfg: _Config):  # noqa: ANN001, ANN205
+        J, n, L, P = pt.shape
+        C, H = wm.shape[2] // 16, 16
+        mu = pt.new_empty(n, L, C, H)
+        logits = pt.new_empty(n, L, C)
+        R = pt.new_empty(n, L, C, J)
+        k = cfg.chunk
+        buf = pt.new_empty(k * L * C * J * 2 * H)
+        vbuf = pt.new_empty(k * L * C * J * H)
+        keep = any(ctx.needs_input_grad[:5])
+        saved: list[list[_Step]] = []
+        for s in _chunks(n, k):
+            votes = _slot_votes(pt[:, s], wm, vbuf)
+            steps: list[_Step] | None = [] if keep else None
+            mu[s], logits[s], R[s] = _forward_chunk(votes, a_in[s], beta_a, beta_u, cfg, buf,
+                                                    steps)
+            if keep:
+                saved.append(steps)
+        ctx.save_for_backward(pt, wm, a_in, beta_a, beta_u)
+        ctx.steps = saved
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return mu, logits, R
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mu, g_logits, g_R):  # noqa: ANN001, ANN205
+        pt, wm, a_in, beta_a, beta_u = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        J, n, L, P = pt.shape
+        C, H = wm.shape[2] // 16, 16
+        g_pt = torch.zeros_like(pt)
+        g_wm = torch.zeros_like(wm)
+        g_a = torch.zeros_like(a_in)
+        g_ba = torch.zeros_like(beta_a)
+        g_bu = torch.zeros_like(beta_u)
+        if g_mu is None and g_logits is None and g_R is None:
+            return g_pt, g_wm, g_a, g_ba, g_bu, None
+        k = cfg.chunk
+        buf = pt.new_empty(2, k * L * C * J * 2 * H)  # U, dU
+        vbuf = pt.new_empty(2, k * L * C * J * H)  # votes, their gradient
+        wmt = wm.transpose(1, 2)
+        for s, steps in zip(_chunks(n, k), ctx.steps, strict=True):
+            votes = _slot_votes(pt[:, s], wm, vbuf[0])
+            g_votes = vbuf[1, : votes.numel()].view(J, -1, L, C, H).permute(1, 2, 3, 0, 4)
+            _backward_chunk(votes, a_in[s], beta_u, cfg, steps,
+                            None if g_mu is None else g_mu[s],
+                            None if g_logits is None else g_logits[s],
+                            None if g_R is None else g_R[s],
+                            g_votes, g_a[s], g_ba, g_bu, buf)
+            gv = vbuf[1, : votes.numel()].view(J, -1, C * H)  # (J, n*L, C*16)
+            ps = pt[:, s].reshape(J, -1, P)
+            g_pt[:, s] = torch.bmm(gv, wmt).view(J, -1, L, P)
+            g_wm.baddbmm_(ps.transpose(1, 2), gv)
+        return g_pt, g_wm, g_a, g_ba, g_bu, None
+
+
+def _slot_votes(p: torch.Tensor, wm: torch.Tensor, vbuf: torch.Tensor) -> torch.Tensor:
+    """Votes (n, L, C, J, 16) of a chunk, slot-major in ``vbuf``, as ONE bmm
+    ``(J, n*L, 16) @ (J, 16, C*16)``. p: (J, n, L, 16) child poses per slot."""
+    J, n, L, P = p.shape
+    C = wm.shape[2] // 16
+    out = vbuf[: J * n * L * C * 16].view(J, n * L, C * 16)
+    torch.bmm(p.reshape(J, n * L, P), wm, out=out)
+    return out.view(J, n, L, C, 16).permute(1, 2, 3, 0, 4)
+
+
+def em_routing_slots(
+    pt: torch.Tensor,
+    wm: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    *,
+    iterations: int = 3,
+    final_lambda: float = 0.01,
+    fold: Fold | None = None,
+    data_scale: float = 1.0,
+    var_floor: float = VAR_FLOOR,
+    chunk: int | None = None,
+) -> RoutingResult:
+    """:func:`em_routing` of the votes ``votes[:, :, :, j] = (pt[j] @ wm[j]).view(.., C, 16)``
+    without ever holding them (or their gradient) for the whole batch: each chunk's votes
+    are made by one bmm just before it is routed (forward) and again in the backward,
+    where the chunk's vote gradient goes straight into ``d pt`` and ``d wm``.
+
+    Args:
+        pt: (J, N, L, 16) the child pose in each slot, slot-major (as ConvCaps builds it).
+        wm: (J, 16, C*16) per-slot vote matrix (``kron(I_4, W)`` for 4x4 matrix poses).
+        a_in, beta_a, beta_u and the keywords: as for :func:`em_routing`.
+
+    Differentiable w.r.t. pt, wm, a_in, beta_a, beta_u (first derivatives only).
+    """
+    cfg = _config(pt.shape[1], pt.device, iterations, final_lambda, fold, data_scale,
+                  var_floor, chunk)
+    mu, logits, R = _EMRoutingSlots.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
