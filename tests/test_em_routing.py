@@ -356,3 +356,44 @@ def test_em_routing_slots_gradcheck():
         return r.poses, r.logits
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("slots", [False, True])
+def test_chunk_threads_match_the_plain_loop(monkeypatch, slots):
+    """Chunks routed on 2 threads (forward and backward) give what the single-threaded
+    chunk loop gives, and torch's thread setting is restored."""
+    import robustcaps.models.em_routing as em
+
+    layer = ConvCaps(2, 3, 3, 1)
+    fold = layer.fold(5, 5, torch.device("cpu"))  # L = 9, J = 18
+    g = torch.Generator().manual_seed(41)
+    pt = torch.randn(18, 7, 9, 16, generator=g)
+    wm = torch.randn(18, 16, 48, generator=g) / 4
+    a = torch.rand(7, 9, 18, generator=g)
+    ba, bu = torch.randn(3, generator=g), 0.3 * torch.randn(3, generator=g)
+    kw = dict(iterations=3, final_lambda=0.8, fold=fold, data_scale=1.3, chunk=2)
+
+    def run(threads, use_pool):
+        monkeypatch.setattr(em, "CHUNK_THREADS", use_pool)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaves = [t.clone().requires_grad_(True) for t in (pt, wm, a, ba, bu)]
+            if slots:
+                r = em.em_routing_slots(*leaves, **kw)
+            else:
+                votes = torch.bmm(leaves[0].reshape(18, -1, 16), leaves[1])
+                votes = votes.view(18, 7, 9, 3, 16).permute(1, 2, 3, 0, 4)
+                r = em_routing(votes, *leaves[2:], **kw)
+            loss = (r.poses.sin().sum() + r.logits.cos().sum()
+                    + (r.R * torch.arange(18.0)).sum())
+            grads = torch.autograd.grad(loss, leaves)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(old)
+        return (r.poses, r.logits, r.R), grads
+
+    plain = run(1, False)
+    threaded = run(2, True)
+    for x, y in zip(plain[0] + plain[1], threaded[0] + threaded[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

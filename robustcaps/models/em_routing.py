@@ -110,6 +110,9 @@ Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimensio
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -568,31 +571,92 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         gv.zero_()
 
 
+# Run a layer's sample chunks on this many threads (each running its torch ops on one
+# thread) instead of splitting every small op over torch's intra-op threads; CPU only.
+CHUNK_THREADS = True
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def _n_workers(device: torch.device, n_chunks: int) -> int:
+    if device.type != "cpu" or not CHUNK_THREADS:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_chunks))
+
+
+def _run_chunks(chunks: list[slice], body: Callable[[int, slice, int], None],
+                workers: int) -> None:
+    """``body(i, chunks[i], worker)`` for every chunk; with ``workers > 1`` on that many
+    threads, which take chunks in order as they finish (robust to a descheduled core),
+    each with torch's intra-op threads set to 1 (restored afterwards)."""
+    if workers <= 1:
+        for i, s in enumerate(chunks):
+            body(i, s, 0)
+        return
+    pool = _POOL.get(workers)
+    if pool is None:
+        pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="em-routing")
+    todo = iter(range(len(chunks)))
+    lock = threading.Lock()
+    old = torch.get_num_threads()
+
+    def work(w: int) -> None:
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is per thread
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                body(i, chunks[i], w)
+
+    try:
+        futures = [pool.submit(work, w) for w in range(workers)]
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(old)
+
+
 class _EMRouting(torch.autograd.Function):
     """EM routing with a hand-written backward (see "Layout and speed").
 
     Forward (no autograd) keeps, when an input needs a gradient, each chunk's per-parent
     moments and the assignments R_t of the later M-steps (:class:`_Step`); backward
-    rebuilds each chunk's ``U`` once from the votes and sweeps the iterations in reverse
-    by hand (:func:`_backward_chunk`), without re-running the forward routing.
+    rebuilds each chunk's ``U`` once and sweeps the iterations in reverse by hand
+    (:func:`_backward_chunk`), without re-running the forward routing.
+
+    With ``wm`` (``slots=True``) the first input is not the votes but the child poses
+    ``pt`` (J, N, L, 16) and each chunk's votes are ``pt[j] @ wm[j]``, made per chunk into
+    a reused buffer (:func:`em_routing_slots`).
     """
 
     @staticmethod
-    def forward(ctx, votes, a_in, beta_a, beta_u, cfg: _Config):  # noqa: ANN001, ANN205
-        n, L, C, J, H = votes.shape
-        mu = votes.new_empty(n, L, C, H)
-        logits = votes.new_empty(n, L, C)
-        R = votes.new_empty(n, L, C, J)
-        buf = votes.new_empty(cfg.chunk * L * C * J * 2 * H)
-        keep = any(ctx.needs_input_grad[:4])
-        saved: list[list[_Step]] = []
-        for s in _chunks(n, cfg.chunk):
+    def forward(ctx, x, wm, a_in, beta_a, beta_u, cfg: _Config):  # noqa: ANN001, ANN205
+        if wm is None:
+            n, L, C, J, H = x.shape
+        else:
+            J, n, L, _ = x.shape
+            C, H = wm.shape[2] // 16, 16
+        mu = x.new_empty(n, L, C, H)
+        logits = x.new_empty(n, L, C)
+        R = x.new_empty(n, L, C, J)
+        k = cfg.chunk
+        chunks = _chunks(n, k)
+        workers = _n_workers(x.device, len(chunks))
+        bufs = [x.new_empty(k * L * C * J * 2 * H) for _ in range(workers)]
+        vbufs = [x.new_empty(k * L * C * J * H) for _ in range(workers if wm is not None else 0)]
+        keep = any(ctx.needs_input_grad[:5])
+        saved: list[list[_Step] | None] = [None] * len(chunks)
+
+        def body(i: int, s: slice, w: int) -> None:
+            votes = x[s] if wm is None else _slot_votes(x[:, s], wm, vbufs[w])
             steps: list[_Step] | None = [] if keep else None
-            mu[s], logits[s], R[s] = _forward_chunk(votes[s], a_in[s], beta_a, beta_u, cfg, buf,
-                                                    steps)
-            if keep:
-                saved.append(steps)
-        ctx.save_for_backward(votes, a_in, beta_a, beta_u)
+            mu[s], logits[s], R[s] = _forward_chunk(votes, a_in[s], beta_a, beta_u, cfg,
+                                                    bufs[w], steps)
+            saved[i] = steps
+
+        _run_chunks(chunks, body, workers)
+        ctx.save_for_backward(x, wm, a_in, beta_a, beta_u)
         ctx.steps = saved
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
@@ -601,23 +665,49 @@ class _EMRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mu, g_logits, g_R):  # noqa: ANN001, ANN205
-        votes, a_in, beta_a, beta_u = ctx.saved_tensors
+        x, wm, a_in, beta_a, beta_u = ctx.saved_tensors
         cfg: _Config = ctx.cfg
-        n, L, C, J, H = votes.shape
-        g_votes = torch.empty_like(votes)  # same strides as votes
+        if wm is None:
+            n, L, C, J, H = x.shape
+        else:
+            J, n, L, P = x.shape
+            C, H = wm.shape[2] // 16, 16
+        # votes: same strides as votes; slots: d pt
+        g_x = torch.empty_like(x) if wm is None else torch.zeros_like(x)
         g_a = torch.zeros_like(a_in)
-        g_ba = torch.zeros_like(beta_a)
-        g_bu = torch.zeros_like(beta_u)
         if g_mu is None and g_logits is None and g_R is None:
-            return g_votes.zero_(), g_a, g_ba, g_bu, None
-        buf = votes.new_empty(2, cfg.chunk * L * C * J * 2 * H)  # U, dU
-        for s, steps in zip(_chunks(n, cfg.chunk), ctx.steps, strict=True):
-            _backward_chunk(votes[s], a_in[s], beta_u, cfg, steps,
+            return (g_x.zero_(), None if wm is None else torch.zeros_like(wm), g_a,
+                    torch.zeros_like(beta_a), torch.zeros_like(beta_u), None)
+        k = cfg.chunk
+        chunks = _chunks(n, k)
+        workers = _n_workers(x.device, len(chunks))
+        bufs = [x.new_empty(2, k * L * C * J * 2 * H) for _ in range(workers)]  # U, dU
+        vbufs = [x.new_empty(2, k * L * C * J * H) for _ in range(workers if wm is not None else 0)]
+        # per-worker partial sums of the shared gradients
+        g_ba = [torch.zeros_like(beta_a) for _ in range(workers)]
+        g_bu = [torch.zeros_like(beta_u) for _ in range(workers)]
+        g_wm = [torch.zeros_like(wm) for _ in range(workers)] if wm is not None else []
+
+        def body(i: int, s: slice, w: int) -> None:
+            if wm is None:
+                votes, g_votes = x[s], g_x[s]
+            else:
+                votes = _slot_votes(x[:, s], wm, vbufs[w][0])
+                g_votes = vbufs[w][1, : votes.numel()].view(J, -1, L, C, H).permute(1, 2, 3, 0, 4)
+            _backward_chunk(votes, a_in[s], beta_u, cfg, ctx.steps[i],
                             None if g_mu is None else g_mu[s],
                             None if g_logits is None else g_logits[s],
                             None if g_R is None else g_R[s],
-                            g_votes[s], g_a[s], g_ba, g_bu, buf)
-        return g_votes, g_a, g_ba, g_bu, None
+                            g_votes, g_a[s], g_ba[w], g_bu[w], bufs[w])
+            if wm is not None:  # votes = pt @ wm, per slot
+                gv = vbufs[w][1, : votes.numel()].view(J, -1, C * H)  # (J, n*L, C*16)
+                g_x[:, s] = torch.bmm(gv, wm.transpose(1, 2)).view(J, -1, L, P)
+                g_wm[w].baddbmm_(x[:, s].reshape(J, -1, P).transpose(1, 2), gv)
+
+        _run_chunks(chunks, body, workers)
+        return (g_x, sum(g_wm[1:], g_wm[0]) if wm is not None else None, g_a,
+                sum(g_ba[1:], g_ba[0]), sum(g_bu[1:], g_bu[0]), None)
+
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None) -> _Config:
@@ -662,70 +752,8 @@ def em_routing(
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
-    mu, logits, R = _EMRouting.apply(votes, a_in, beta_a, beta_u, cfg)
+    mu, logits, R = _EMRouting.apply(votes, None, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
-
-
-class _EMRoutingSlots(torch.autograd.Function):
-    """:class:`_EMRouting` with the votes made per chunk from the child poses: the votes
-    (and their gradient) never exist for the whole batch (see :func:`em_routing_slots`)."""
-
-    @staticmethod
-    def forward(ctx, pt, wm, a_in, beta_a, beta_u, cfg: _Config):  # noqa: ANN001, ANN205
-        J, n, L, P = pt.shape
-        C, H = wm.shape[2] // 16, 16
-        mu = pt.new_empty(n, L, C, H)
-        logits = pt.new_empty(n, L, C)
-        R = pt.new_empty(n, L, C, J)
-        k = cfg.chunk
-        buf = pt.new_empty(k * L * C * J * 2 * H)
-        vbuf = pt.new_empty(k * L * C * J * H)
-        keep = any(ctx.needs_input_grad[:5])
-        saved: list[list[_Step]] = []
-        for s in _chunks(n, k):
-            votes = _slot_votes(pt[:, s], wm, vbuf)
-            steps: list[_Step] | None = [] if keep else None
-            mu[s], logits[s], R[s] = _forward_chunk(votes, a_in[s], beta_a, beta_u, cfg, buf,
-                                                    steps)
-            if keep:
-                saved.append(steps)
-        ctx.save_for_backward(pt, wm, a_in, beta_a, beta_u)
-        ctx.steps = saved
-        ctx.cfg = cfg
-        ctx.set_materialize_grads(False)
-        return mu, logits, R
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_mu, g_logits, g_R):  # noqa: ANN001, ANN205
-        pt, wm, a_in, beta_a, beta_u = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        J, n, L, P = pt.shape
-        C, H = wm.shape[2] // 16, 16
-        g_pt = torch.zeros_like(pt)
-        g_wm = torch.zeros_like(wm)
-        g_a = torch.zeros_like(a_in)
-        g_ba = torch.zeros_like(beta_a)
-        g_bu = torch.zeros_like(beta_u)
-        if g_mu is None and g_logits is None and g_R is None:
-            return g_pt, g_wm, g_a, g_ba, g_bu, None
-        k = cfg.chunk
-        buf = pt.new_empty(2, k * L * C * J * 2 * H)  # U, dU
-        vbuf = pt.new_empty(2, k * L * C * J * H)  # votes, their gradient
-        wmt = wm.transpose(1, 2)
-        for s, steps in zip(_chunks(n, k), ctx.steps, strict=True):
-            votes = _slot_votes(pt[:, s], wm, vbuf[0])
-            g_votes = vbuf[1, : votes.numel()].view(J, -1, L, C, H).permute(1, 2, 3, 0, 4)
-            _backward_chunk(votes, a_in[s], beta_u, cfg, steps,
-                            None if g_mu is None else g_mu[s],
-                            None if g_logits is None else g_logits[s],
-                            None if g_R is None else g_R[s],
-                            g_votes, g_a[s], g_ba, g_bu, buf)
-            gv = vbuf[1, : votes.numel()].view(J, -1, C * H)  # (J, n*L, C*16)
-            ps = pt[:, s].reshape(J, -1, P)
-            g_pt[:, s] = torch.bmm(gv, wmt).view(J, -1, L, P)
-            g_wm.baddbmm_(ps.transpose(1, 2), gv)
-        return g_pt, g_wm, g_a, g_ba, g_bu, None
 
 
 def _slot_votes(p: torch.Tensor, wm: torch.Tensor, vbuf: torch.Tensor) -> torch.Tensor:
@@ -766,7 +794,7 @@ def em_routing_slots(
     """
     cfg = _config(pt.shape[1], pt.device, iterations, final_lambda, fold, data_scale,
                   var_floor, chunk)
-    mu, logits, R = _EMRoutingSlots.apply(pt, wm, a_in, beta_a, beta_u, cfg)
+    mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
