@@ -10,11 +10,17 @@ high-water mark (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_
 each measurement) over the RSS before it; where that reset is unavailable, the growth of
 ``resource.getrusage().ru_maxrss`` (which then only shows new peaks). The ``memory_method``
 field says which was used. Timings are medians over ``repeats`` runs after one warm-up.
+
+Threads: with ``threads > 1`` the routing runs a layer's sample chunks on that many threads
+(``em_routing.CHUNK_THREADS``); ``--intra-op`` measures the alternative, every op split over
+torch's intra-op threads. ``load_avg_1m`` (``os.getloadavg``, at the start of each row) says
+how busy the machine was: on a shared CPU compare figures only at similar load.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import time
@@ -89,27 +95,35 @@ def benchmark_routing(
     dtype: torch.dtype = torch.float32,
     compile_routing: bool = False,
     threads: int | None = None,
+    chunk_threads: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per configuration: forward and forward+backward images/s and peak memory.
 
-    ``threads``: intra-op CPU threads for the measurement (restored afterwards); None keeps
-    torch's current setting.
+    ``threads``: CPU threads for the measurement (restored afterwards); None keeps torch's
+    current setting. ``chunk_threads``: route sample chunks in parallel on those threads
+    (the default); False splits every op over torch's intra-op threads instead.
     """
+    from ..models import em_routing
+
     if threads is not None and threads < 1:
         raise RobustcapsError(f"threads must be positive, got {threads}")
     old_threads = torch.get_num_threads()
+    old_chunk_threads = em_routing.CHUNK_THREADS
     if threads is not None:
         torch.set_num_threads(threads)
+    em_routing.CHUNK_THREADS = chunk_threads
     try:
         return _benchmark(configs, device, batch_size, iterations, repeats, dtype,
                           compile_routing)
     finally:
         torch.set_num_threads(old_threads)
+        em_routing.CHUNK_THREADS = old_chunk_threads
 
 
 def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size: int,
                iterations: int, repeats: int, dtype: torch.dtype,
                compile_routing: bool) -> list[dict[str, Any]]:
+    from ..models import em_routing
     from ..models.registry import count_params, create_model
     from ..utils import resolve_device
 
@@ -137,6 +151,8 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             "model": name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "iterations": iterations, "params": count_params(model),
             "threads": torch.get_num_threads(), "compiled": compile_routing,
+            "chunk_threads": em_routing.CHUNK_THREADS and torch.get_num_threads() > 1,
+            "load_avg_1m": round(os.getloadavg()[0], 2),
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
             t0 = time.perf_counter()
@@ -174,10 +190,13 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
 @click.option("--threads", "threads", multiple=True, type=click.IntRange(min=1),
               help="CPU intra-op threads (repeatable to compare, e.g. --threads 1 --threads 2; "
                    "default: torch's setting). On a loaded shared CPU 1 thread can be faster.")
+@click.option("--intra-op", is_flag=True,
+              help="Split every routing op over the threads instead of routing sample chunks "
+                   "on parallel threads (the default).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,
             models: tuple[str, ...], compile_routing: bool, threads: tuple[int, ...],
-            as_json: bool) -> None:
+            intra_op: bool, as_json: bool) -> None:
     """Capsule network forward and forward+backward (input gradient) images/s and memory."""
     if device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -187,17 +206,18 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
     for dev in devices:
         for nt in threads or (None,):
             rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
-                                      compile_routing=compile_routing, threads=nt)
+                                      compile_routing=compile_routing, threads=nt,
+                                      chunk_threads=not intra_op)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
                f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
     header = (f"{'model':<14} {'device':<7} {'thr':>3} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
-              f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11}")
+              f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
         click.echo(f"{r['model']:<14} {r['device']:<7} {r['threads']:>3} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
                    f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
-                   f"{r['forward_backward_peak_mem_mb']:>11.0f}")
+                   f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f}")

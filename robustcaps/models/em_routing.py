@@ -110,6 +110,7 @@ Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimensio
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -336,8 +337,9 @@ def _route(
 # Samples routed together on the CPU (cache blocking): one sample's centred moments ``U``
 # are 2x its votes (capsnet-small ConvCaps1: 5.3 MB, capsnet ConvCaps1: 42 MB), so small
 # chunks keep every routing pass in L2/L3 instead of streaming the whole batch from DRAM
-# 2T-1 times. Chosen by measurement (robustcaps bench routing); None = whole batch (CUDA).
-CPU_CHUNK = 2
+# 2T-1 times. Chosen by measurement (robustcaps bench routing): 1 image was 1.03-1.06x
+# faster than 2 (1 thread, interleaved); None = whole batch (CUDA).
+CPU_CHUNK = 1
 
 
 @dataclass(frozen=True)
@@ -574,7 +576,7 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
 # Run a layer's sample chunks on this many threads (each running its torch ops on one
 # thread) instead of splitting every small op over torch's intra-op threads; CPU only.
 CHUNK_THREADS = True
-_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _n_workers(device: torch.device, n_chunks: int) -> int:
@@ -592,9 +594,10 @@ def _run_chunks(chunks: list[slice], body: Callable[[int, slice, int], None],
         for i, s in enumerate(chunks):
             body(i, s, 0)
         return
-    pool = _POOL.get(workers)
+    key = (os.getpid(), workers)  # a forked child needs its own threads
+    pool = _POOL.get(key)
     if pool is None:
-        pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="em-routing")
+        pool = _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="em-routing")
     todo = iter(range(len(chunks)))
     lock = threading.Lock()
     old = torch.get_num_threads()
