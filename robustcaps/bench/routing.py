@@ -4,10 +4,12 @@ For each configuration (``capsnet-small``, ``capsnet``) and device: images/s of 
 pass (no autograd) and of forward + backward, where backward is the gradient w.r.t. the
 input only (``torch.autograd.grad(loss, x)``, as attacks use it), plus peak memory of each.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement),
-minus what was allocated before it. On CPU the growth of the process's resident-set
-high-water mark (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs before
-each measurement) over the RSS before it; where that reset is unavailable, the growth of
+Peak memory, over the warm-up and the timed runs: on CUDA ``torch.cuda.max_memory_allocated``
+(reset before each measurement), minus what was allocated before it. On CPU the growth of
+the process's resident-set high-water mark (``VmHWM`` in /proc/self/status, reset through
+/proc/self/clear_refs) over the RSS before it, after ``malloc_trim(0)`` (glibc) has handed
+freed heap memory back, so memory the allocator kept from earlier runs neither hides new
+use nor counts as used; where the reset is unavailable, the growth of
 ``resource.getrusage().ru_maxrss`` (which then only shows new peaks). The ``memory_method``
 field says which was used. Timings are medians over ``repeats`` runs after one warm-up.
 
@@ -60,6 +62,7 @@ class _PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
             return self
+        _malloc_trim()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to current RSS
             self.base = _read_status("VmRSS")
@@ -79,6 +82,16 @@ class _PeakMemory:
             self.peak = (_read_status("VmHWM") or 0) - self.base
         else:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+def _malloc_trim() -> None:
+    """Return freed heap memory to the OS (glibc), so RSS is the memory in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _sync(device: torch.device) -> None:
@@ -155,12 +168,12 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
-            t0 = time.perf_counter()
-            fn()  # warm-up (allocator, caches; compilation with --compile)
-            _sync(dev)
-            row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 2)
             times = []
             with _PeakMemory(dev) as mem:
+                t0 = time.perf_counter()
+                fn()  # warm-up (allocator, caches; compilation with --compile)
+                _sync(dev)
+                row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 2)
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     fn()

@@ -12,6 +12,11 @@ touch them as few times as possible:
   slot-major ``(J, N, L, C, 16)``; the routing reads them in place through an
   ``(N, L, C, J, 16)`` view (each parent's ``(J, 16)`` block has rows ``N*L*C*16`` apart,
   which ``bmm`` accepts), so no permuted copy of the votes is made.
+  :func:`em_routing_slots` goes further: it takes the child poses and the per-slot vote
+  matrices and makes each sample chunk's votes just before routing it (and again in the
+  backward, where the chunk's vote gradient goes straight into the pose and weight
+  gradients), so neither the votes nor their gradient ever exist for the whole batch
+  (capsnet's ConvCaps1: 680 MB each, page-faulted afresh on every call).
 - Centred moments: per parent a constant reference ``c`` (the first M-step's mean) and
   ``U = [V - c, (V - c)^2]`` (m, J, 32), built once. Each M-step is then ONE bmm
   ``rw (1, J) @ U`` giving both moments (mean and variance by exact identities, see
@@ -25,21 +30,34 @@ touch them as few times as possible:
   chunk's ``U`` once and sweeps the iterations in reverse in closed form (no re-run of
   the forward routing, no autograd): ``d rw_t = dS_t U^T`` and ``dw_t = de_t U``, then
   ``dL/dU`` for all iterations as ONE bmm and ``dL/dV = dU[:16] + 2 (V - c) dU[16:]``.
-  First derivatives only (``once_differentiable``); :func:`em_routing_autograd` is the same
-  computation as a plain autograd graph (used for ``torch.compile`` and as a test oracle).
-- Cache blocking on the CPU: the routing runs over sample chunks of ``CPU_CHUNK`` (2)
-  images, vectorised inside a chunk, with reused buffers, so ``U`` (5.3 MB per image for
-  capsnet-small's ConvCaps1) stays in L2/L3 across the iterations; chunk 2 measured 1.8x
-  faster than the whole batch (1 thread). capsnet's ConvCaps1 has 42 MB of ``U`` per
-  image, so it streams from memory regardless. On CUDA the whole batch is one chunk.
-- Threads: the chunked ops are small, and on a loaded shared CPU (load ~7 on 2 cores)
-  ``torch.set_num_threads(1)`` was 2-3x faster than 2 threads (OpenMP regions wait for a
-  descheduled thread); on an idle machine 2 threads should help. ``robustcaps bench
-  routing --threads`` measures both.
-- Measured (2-core shared CPU under load, 1 thread, batch 32, old vs new interleaved in
-  one process): capsnet-small forward 2.5x, forward+input-gradient 4.2x; capsnet 2.7x and
-  4.9x. Remaining cost: the vote bmm and its backward (~20%), the per-chunk small ops of
-  the E-step normaliser (~25%), the U build and the strided gradient write.
+  Passes over vote-sized memory per chunk: forward 7.5 (c, U build, 3 M-steps, 2
+  E-steps), backward 8 (U build, 5 products, dU, the gradient write) instead of the
+  previous re-run forward plus 7. First derivatives only (``once_differentiable``);
+  :func:`em_routing_autograd` is the same computation as a plain autograd graph (used for
+  ``torch.compile`` and as a test oracle).
+- Cache blocking on the CPU: the routing runs over sample chunks of ``CPU_CHUNK`` (1)
+  image, vectorised inside a chunk, with reused buffers, so ``U`` (5.3 MB per image for
+  capsnet-small's ConvCaps1) stays in L2/L3 across the iterations (1 image measured
+  1.03-1.08x faster than 2, which was 1.8x faster than the whole batch). capsnet's
+  ConvCaps1 has 42 MB of ``U`` per image, so it streams from memory regardless. On CUDA
+  the whole batch is one chunk.
+- Threads: with ``torch.get_num_threads() > 1`` a layer's chunks run on that many Python
+  threads (a pool; torch ops release the GIL), each running its ops single-threaded
+  (``CHUNK_THREADS``; False splits every op over torch's intra-op threads instead). Most
+  routing ops are too small for intra-op threading to pay, and on the loaded shared CPU
+  (load 2-3 on 2 cores) 2 intra-op threads collapsed to 1.5-3 img/s (OpenMP regions
+  wait for a descheduled thread) where chunk threads gave 121 img/s forward
+  (capsnet-small; 1 thread: 137). ``robustcaps bench routing --threads 1 --threads 2
+  [--intra-op]`` measures both.
+- Measured (2-core shared CPU, training jobs on both cores, load 2-3.5, 1 thread, batch
+  32, old (commit fab8c06) vs new interleaved in one process): capsnet-small forward
+  1.1x, forward+input-gradient 1.5x; capsnet 1.0x and 1.5x; with ConvCaps routing
+  through :func:`em_routing_slots` (prototype layer) capsnet-small 1.64x / 1.65x and
+  capsnet 1.42x / 1.88x. Remaining cost (capsnet-small, 1 thread, forward): the whole
+  batch vote bmm of the layers, ~32% of the time (mostly page faults of a fresh 85 MB
+  output, which :func:`em_routing_slots` avoids); in the routing, the U passes (~55%)
+  and the per-chunk small ops of the normaliser and M-step (~40%; 2/3 of the backward's
+  non-U time).
 The only Python loops are over the routing iterations and the sample chunks.
 
 Convolutional routing, as in Section 4
