@@ -397,3 +397,28 @@ def test_chunk_threads_match_the_plain_loop(monkeypatch, slots):
     threaded = run(2, True)
     for x, y in zip(plain[0] + plain[1], threaded[0] + threaded[1], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_cpu_chunk_size_follows_the_size_of_u(monkeypatch):
+    """Big layers route image by image, small ones (the class layer) as one chunk per
+    thread; an explicit chunk wins; CUDA-like devices get the whole batch."""
+    import robustcaps.models.em_routing as em
+
+    cpu = torch.device("cpu")
+
+    def chunk(n, u_bytes, threads=1, explicit=None, device=cpu):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return em._config(n, device, 3, 0.01, None, 1.0, em.VAR_FLOOR, explicit,
+                              u_bytes).chunk
+        finally:
+            torch.set_num_threads(old)
+
+    assert chunk(32, 36 * 16 * 72 * 32 * 4) == 1  # capsnet-small ConvCaps1: 5.3 MB
+    assert chunk(32, 5 * 256 * 32 * 4) == 32  # class layer: 0.16 MB
+    assert chunk(32, 5 * 256 * 32 * 4, threads=2) == 16
+    assert chunk(32, 2 * 2**20) == 3
+    assert chunk(32, 5 * 2**20, explicit=4) == 4
+    assert chunk(5, 1, explicit=9) == 5
+    assert chunk(32, 10 * 2**20, device=torch.device("meta")) == 32

@@ -35,10 +35,12 @@ touch them as few times as possible:
   previous re-run forward plus 7. First derivatives only (``once_differentiable``);
   :func:`em_routing_autograd` is the same computation as a plain autograd graph (used for
   ``torch.compile`` and as a test oracle).
-- Cache blocking on the CPU: the routing runs over sample chunks of ``CPU_CHUNK`` (1)
-  image, vectorised inside a chunk, with reused buffers, so ``U`` (5.3 MB per image for
-  capsnet-small's ConvCaps1) stays in L2/L3 across the iterations (1 image measured
-  1.03-1.08x faster than 2, which was 1.8x faster than the whole batch). capsnet's
+- Cache blocking on the CPU: the routing runs over sample chunks of as many images as
+  keep their ``U`` within ``CPU_CHUNK_BYTES`` (6 MB; at least 1), vectorised inside a
+  chunk, with reused buffers, so ``U`` (5.3 MB per image for capsnet-small's ConvCaps1)
+  stays in L2/L3 across the iterations (1 image measured 1.03-1.08x faster than 2, which
+  was 1.8x faster than the whole batch; the class layer's 0.16 MB per image is routed as
+  one chunk per thread, 3-7x faster than image by image). capsnet's
   ConvCaps1 has 42 MB of ``U`` per image, so it streams from memory regardless. On CUDA
   the whole batch is one chunk.
 - Threads: with ``torch.get_num_threads() > 1`` a layer's chunks run on that many Python
@@ -352,12 +354,14 @@ def _route(
         R = _normalise(z, fold)
     return mu, logits, R.expand(n, L, C, J)
 
-# Samples routed together on the CPU (cache blocking): one sample's centred moments ``U``
-# are 2x its votes (capsnet-small ConvCaps1: 5.3 MB, capsnet ConvCaps1: 42 MB), so small
-# chunks keep every routing pass in L2/L3 instead of streaming the whole batch from DRAM
-# 2T-1 times. Chosen by measurement (robustcaps bench routing): 1 image was 1.03-1.06x
-# faster than 2 (1 thread, interleaved); None = whole batch (CUDA).
-CPU_CHUNK = 1
+# Samples routed together on the CPU (cache blocking): as many as keep the chunk's
+# centred moments ``U`` (2x its votes) within CPU_CHUNK_BYTES, at least 1, so every routing
+# pass stays in L2/L3 instead of streaming the whole batch from DRAM 2T-1 times
+# (capsnet-small ConvCaps1: 5.3 MB per image -> 1 image, 1.03-1.08x faster than 2; the
+# class layer: 0.16 MB -> the whole batch, 3-7x faster than 1 image at a time). With chunk
+# threads the batch is split into at least one chunk per thread. Chosen by measurement
+# (robustcaps bench routing); on CUDA the whole batch is one chunk.
+CPU_CHUNK_BYTES = 6 * 2**20
 
 
 @dataclass(frozen=True)
@@ -731,9 +735,16 @@ class _EMRouting(torch.autograd.Function):
 
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
-            fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None) -> _Config:
+            fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None,
+            u_bytes: int) -> _Config:
+    """u_bytes: size of one sample's ``U``."""
     if chunk is None:
-        chunk = CPU_CHUNK if device.type == "cpu" else n
+        if device.type == "cpu":
+            chunk = max(1, CPU_CHUNK_BYTES // max(u_bytes, 1))
+            threads = torch.get_num_threads() if CHUNK_THREADS else 1
+            chunk = min(chunk, -(-n // threads))
+        else:
+            chunk = n
     return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
                    float(var_floor), max(1, min(int(chunk), n)))
 
@@ -762,13 +773,14 @@ def em_routing(
         beta_a, beta_u: (C,) learned biases per parent type.
         fold: slot -> child map of a convolutional layer (None: each slot is its own child).
         data_scale: kappa of the module docstring (amount of data normaliser).
-        chunk: samples routed together (cache blocking); None: ``CPU_CHUNK`` on the CPU,
+        chunk: samples routed together (cache blocking); None: ``CPU_CHUNK_BYTES`` on the CPU,
             the whole batch elsewhere. Results do not depend on it.
 
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
-    cfg = _config(votes.shape[0], votes.device, iterations, final_lambda, fold, data_scale,
-                  var_floor, chunk)
+    n, L, C, J, H = votes.shape
+    cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
+                  L * C * J * 2 * H * votes.element_size())
     n, L, C, J, H = votes.shape
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
@@ -813,8 +825,9 @@ def em_routing_slots(
 
     Differentiable w.r.t. pt, wm, a_in, beta_a, beta_u (first derivatives only).
     """
-    cfg = _config(pt.shape[1], pt.device, iterations, final_lambda, fold, data_scale,
-                  var_floor, chunk)
+    J, n, L, _ = pt.shape
+    cfg = _config(n, pt.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
+                  L * wm.shape[2] * J * 2 * pt.element_size())
     mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
