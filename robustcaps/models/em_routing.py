@@ -426,6 +426,7 @@ class _Step:
     sls: torch.Tensor
     logits: torch.Tensor
     R: torch.Tensor | None
+    w: torch.Tensor | None = None  # (m, 1, 2H) E-step weights [d / var, -0.5 / var]
 
 
 def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor,
@@ -477,6 +478,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
             break
         inv = var.reciprocal()
         w = torch.cat((d * inv, -0.5 * inv), -1)  # (m, 1, 2H)
+        if steps is not None:
+            steps[-1].w = w
         e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J)
         const = -0.5 * (d * d * inv).sum(-1) - sls - 0.5 * H * LOG_2PI  # (m, 1)
         z = e.view(m, J).add_(const).view(n, L, C, J).add_(F.logsigmoid(logits)[..., None])
@@ -515,23 +518,27 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
     gR = g_R
     cur_c: torch.Tensor | None = None
     U = None
-    left: list[torch.Tensor] = []
-    right: list[torch.Tensor] = []
-    first = [True]
+    # dL/dU = left^T @ right: row k of left (m, K, J) / right (m, K, 2H) is (rw_t, dS_t)
+    # for an M-step and (de_t, w_t) for an E-step, written in place as the sweep goes
+    K = 2 * len(lambdas) - 1
+    left = votes.new_empty(m, K, J)
+    right = votes.new_empty(m, K, 2 * H)
+    k = 0
+    first = True
     U_buf, dU_buf = buf[0], buf[1]
 
     def flush() -> None:  # dV += dU[:H] + 2 (V - c) dU[H:] for the current U
-        if not left:
+        nonlocal k, first
+        if not k:
             return
         dU = dU_buf[: m * J * 2 * H].view(m, J, 2 * H)
-        torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1), out=dU)
-        if first[0]:
+        torch.bmm(left[:, :k].transpose(1, 2), right[:, :k], out=dU)
+        if first:
             torch.addcmul(dU[..., :H], U[..., :H], dU[..., H:], value=2.0, out=gv)
-            first[0] = False
+            first = False
         else:
             gv.add_(dU[..., :H]).addcmul_(U[..., :H], dU[..., H:], value=2.0)
-        left.clear()
-        right.clear()
+        k = 0
 
     def use(c: torch.Tensor) -> torch.Tensor:
         nonlocal cur_c, U
@@ -558,15 +565,15 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         S1, d = st.S[..., :H], st.d
         gd = gd + 2.0 * g_q * (d * st.mass - S1)
         g_mass = g_mass + (g_q * d * d).sum(-1, keepdim=True)
-        g_S1 = gd / denom - 2.0 * d * g_q
         g_den = g_den - (gd * d).sum(-1, keepdim=True) / denom
-        g_S = torch.cat((g_S1, g_q), -1)  # (m, 1, 2H)
-        rw_R = st.R if st.R is not None else R0
-        rw = (rw_R * a).expand(n, L, C, J).reshape(m, 1, J)
         Ut = use(st.c)
+        g_S = right[:, k : k + 1]  # (m, 1, 2H) = [dS1, dS2]
+        torch.div(gd, denom, out=g_S[..., :H]).addcmul_(d, g_q, value=-2.0)
+        g_S[..., H:] = g_q
+        rw_R = st.R if st.R is not None else R0
+        torch.mul(rw_R.expand(n, L, C, J), a, out=left[:, k].view(n, L, C, J))  # rw_t
+        k += 1
         g_rw = torch.baddbmm(g_mass + g_den, g_S, Ut.transpose(1, 2))  # (m, 1, J)
-        left.append(rw)
-        right.append(g_S)
         g_rw = g_rw.view(n, L, C, J)
         g_a += (g_rw * rw_R).sum(2)
         if t == 0:
@@ -574,16 +581,17 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         gR_t = g_rw * a if gR is None else g_rw.mul_(a).add_(gR)
         # ---- E-step t-1: R_t = normalise(e + const + logsigmoid(logits_{t-1}))
         R_t, prev = st.R, steps[t - 1]
-        g_z = (gR_t - _fold_sum(gR_t * R_t, fold)).mul_(R_t)  # (n, L, C, J)
+        Ut = use(prev.c)
+        g_e = left[:, k : k + 1]  # (m, 1, J)
+        g_z = torch.mul(gR_t - _fold_sum(gR_t * R_t, fold), R_t,
+                        out=left[:, k].view(n, L, C, J))  # (n, L, C, J)
+        right[:, k] = prev.w[:, 0]
+        k += 1
         g_const = g_z.sum(-1)  # (n, L, C)
         gl = g_const * torch.sigmoid(-prev.logits)
         d, inv = prev.d, prev.var.reciprocal()
         g_const = g_const.reshape(m, 1, 1)
-        g_e = g_z.reshape(m, 1, J)
-        Ut = use(prev.c)
         g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
-        left.append(g_e)
-        right.append(torch.cat((d * inv, -0.5 * inv), -1))
         g_w1, g_w2 = g_w[..., :H], g_w[..., H:]
         gd = (g_w1 - g_const * d) * inv
         g_inv = g_w1 * d - 0.5 * g_w2 - 0.5 * g_const * d * d
@@ -591,7 +599,7 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         gsls = -g_const.reshape(m, 1)
         gR = None
     flush()
-    if first[0]:
+    if first:
         gv.zero_()
 
 
