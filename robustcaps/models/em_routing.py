@@ -47,19 +47,23 @@ touch them as few times as possible:
   threads (a pool; torch ops release the GIL), each running its ops single-threaded
   (``CHUNK_THREADS``; False splits every op over torch's intra-op threads instead). Most
   routing ops are too small for intra-op threading to pay, and on the loaded shared CPU
-  (load 2-3 on 2 cores) 2 intra-op threads collapsed to 1.5-3 img/s (OpenMP regions
-  wait for a descheduled thread) where chunk threads gave 121 img/s forward
-  (capsnet-small; 1 thread: 137). ``robustcaps bench routing --threads 1 --threads 2
-  [--intra-op]`` measures both.
-- Measured (2-core shared CPU, training jobs on both cores, load 2-3.5, 1 thread, batch
-  32, old (commit fab8c06) vs new interleaved in one process): capsnet-small forward
-  1.1x, forward+input-gradient 1.5x; capsnet 1.0x and 1.5x; with ConvCaps routing
-  through :func:`em_routing_slots` (prototype layer) capsnet-small 1.64x / 1.65x and
-  capsnet 1.42x / 1.88x. Remaining cost (capsnet-small, 1 thread, forward): the whole
-  batch vote bmm of the layers, ~32% of the time (mostly page faults of a fresh 85 MB
-  output, which :func:`em_routing_slots` avoids); in the routing, the U passes (~55%)
-  and the per-chunk small ops of the normaliser and M-step (~40%; 2/3 of the backward's
-  non-U time).
+  (load 2-3 on 2 cores) 2 intra-op threads collapsed to 0.1-0.3x of 1 thread (OpenMP
+  regions wait for a descheduled thread; capsnet-small forward 14 s per batch) where 2
+  chunk threads gave 0.6x (376 vs 219 ms); under that load 1 thread was fastest. On an
+  idle machine (not available while measuring) 2 threads should win; ``robustcaps bench
+  routing --threads 1 --threads 2 [--intra-op]`` measures both.
+- Measured (2-core shared CPU with training jobs on both cores, load 2-2.5, 1 thread,
+  batch 32, old (commit fab8c06) vs new interleaved in one process): capsnet-small
+  forward 1.11x (132 -> 147 img/s), forward+input-gradient 1.51x (40 -> 60); capsnet
+  1.05x (19.2 -> 20.2) and 1.64x (5.3 -> 8.7). With ConvCaps routing through
+  :func:`em_routing_slots` (prototype layer): capsnet-small 1.62x / 1.75x, capsnet
+  1.48x / 1.94x, and peak memory (bench, separate processes) capsnet 864 -> 341 MB
+  forward, 1851 -> 455 MB forward+backward. Remaining cost (capsnet-small, 1 thread,
+  forward, layers as they are): the whole-batch vote bmm of the layers, ~32% (mostly page
+  faults of a fresh 85 MB output, which :func:`em_routing_slots` avoids); in the routing,
+  the U passes (~55%) and the per-chunk small ops of the normaliser and M-step (~40%;
+  about half of the backward's time outside the U passes). 2 threads could not be
+  measured on an idle machine (see Threads).
 The only Python loops are over the routing iterations and the sample chunks.
 
 Convolutional routing, as in Section 4
