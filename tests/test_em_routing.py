@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -422,3 +423,27 @@ def test_cpu_chunk_size_follows_the_size_of_u(monkeypatch):
     assert chunk(32, 5 * 2**20, explicit=4) == 4
     assert chunk(5, 1, explicit=9) == 5
     assert chunk(32, 10 * 2**20, device=torch.device("meta")) == 32
+
+
+def test_chunk_threads_error_propagates_and_restores_threads(monkeypatch):
+    """An error in one chunk thread reaches the caller after every thread stopped, and
+    torch's thread setting is restored."""
+    import robustcaps.models.em_routing as em
+
+    calls = []
+
+    def body(i, s, w):
+        calls.append(i)
+        if i == 1:
+            raise ValueError("chunk 1")
+        time.sleep(0.01)  # lets the failing thread run
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="chunk 1"):
+            em._run_chunks([slice(j, j + 1) for j in range(50)], body, 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert 1 in calls and len(calls) < 50

@@ -137,7 +137,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -634,20 +634,26 @@ def _run_chunks(chunks: list[slice], body: Callable[[int, slice, int], None],
         pool = _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="em-routing")
     todo = iter(range(len(chunks)))
     lock = threading.Lock()
+    failed = threading.Event()
     old = torch.get_num_threads()
 
     def work(w: int) -> None:
         torch.set_num_threads(1)
         with torch.no_grad():  # grad mode is per thread
-            while True:
+            while not failed.is_set():
                 with lock:
                     i = next(todo, None)
                 if i is None:
                     return
-                body(i, chunks[i], w)
+                try:
+                    body(i, chunks[i], w)
+                except BaseException:
+                    failed.set()  # the other threads stop after their current chunk
+                    raise
 
     try:
         futures = [pool.submit(work, w) for w in range(workers)]
+        wait(futures)  # all threads done before any error propagates
         for f in futures:
             f.result()
     finally:
