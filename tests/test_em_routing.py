@@ -447,3 +447,24 @@ def test_chunk_threads_error_propagates_and_restores_threads(monkeypatch):
     finally:
         torch.set_num_threads(old)
     assert 1 in calls and len(calls) < 50
+
+
+def test_no_backward_state_kept_under_no_grad(monkeypatch):
+    """Under torch.no_grad the forward keeps nothing for a backward, even though the
+    parameters (betas) require grad; with grad enabled it keeps every M-step."""
+    import robustcaps.models.em_routing as em
+
+    kept = []
+    orig = em._forward_chunk
+    monkeypatch.setattr(em, "_forward_chunk",
+                        lambda *a: kept.append(a[-1]) or orig(*a))
+    g = torch.Generator().manual_seed(51)
+    votes = torch.randn(2, 1, 3, 5, 16, generator=g)
+    a = torch.rand(2, 1, 5, generator=g)
+    ba, bu = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        em_routing(votes, a, ba, bu, iterations=3, chunk=1)
+    assert kept == [None, None]
+    kept.clear()
+    em_routing(votes, a, ba, bu, iterations=3, chunk=1)
+    assert [len(k) for k in kept] == [3, 3]

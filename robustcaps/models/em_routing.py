@@ -375,6 +375,7 @@ class _Config:
     data_scale: float
     var_floor: float
     chunk: int
+    keep: bool = True  # False: no gradient can be asked for (grad mode off), save nothing
 
 
 def _chunks(n: int, chunk: int) -> list[slice]:
@@ -688,7 +689,8 @@ class _EMRouting(torch.autograd.Function):
         workers = _n_workers(x.device, len(chunks))
         bufs = [x.new_empty(k * L * C * J * 2 * H) for _ in range(workers)]
         vbufs = [x.new_empty(k * L * C * J * H) for _ in range(workers if wm is not None else 0)]
-        keep = any(ctx.needs_input_grad[:5])
+        # (needs_input_grad ignores grad mode: parameters under no_grad still say True)
+        keep = cfg.keep and any(ctx.needs_input_grad[:5])
         saved: list[list[_Step] | None] = [None] * len(chunks)
 
         def body(i: int, s: slice, w: int) -> None:
@@ -764,7 +766,7 @@ def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
         else:
             chunk = n
     return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
-                   float(var_floor), max(1, min(int(chunk), n)))
+                   float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled())
 
 
 def em_routing(
