@@ -44,8 +44,9 @@ touch them as few times as possible:
   ConvCaps1 has 42 MB of ``U`` per image, so it streams from memory regardless. On CUDA
   the whole batch is one chunk.
 - Threads: with ``torch.get_num_threads() > 1`` a layer's chunks run on that many Python
-  threads (a pool; torch ops release the GIL), each running its ops single-threaded
-  (``CHUNK_THREADS``; False splits every op over torch's intra-op threads instead). Most
+  threads (at most ``MAX_CHUNK_THREADS`` = 4; a pool; torch ops release the GIL), each
+  running its ops single-threaded (``CHUNK_THREADS``; False splits every op over torch's
+  intra-op threads instead). Most
   routing ops are too small for intra-op threading to pay, and on the loaded shared CPU
   (load 2-3 on 2 cores) 2 intra-op threads collapsed to 0.1-0.3x of 1 thread (OpenMP
   regions wait for a descheduled thread; capsnet-small forward 14 s per batch) where 2
@@ -614,17 +615,25 @@ CHUNK_THREADS = True
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
+# At most this many chunk threads: the Python between ops holds the GIL (~1/6 of the
+# routing's time), so more threads would mostly wait; beyond it each chunk thread gets
+# torch_threads // MAX_CHUNK_THREADS intra-op threads. A guard, not measured (2-core
+# machine only).
+MAX_CHUNK_THREADS = 4
+
+
 def _n_workers(device: torch.device, n_chunks: int) -> int:
     if device.type != "cpu" or not CHUNK_THREADS:
         return 1
-    return max(1, min(torch.get_num_threads(), n_chunks))
+    return max(1, min(torch.get_num_threads(), n_chunks, MAX_CHUNK_THREADS))
 
 
 def _run_chunks(chunks: list[slice], body: Callable[[int, slice, int], None],
                 workers: int) -> None:
     """``body(i, chunks[i], worker)`` for every chunk; with ``workers > 1`` on that many
     threads, which take chunks in order as they finish (robust to a descheduled core),
-    each with torch's intra-op threads set to 1 (restored afterwards)."""
+    each with torch's intra-op threads set to ``threads // workers`` (1 up to
+    ``MAX_CHUNK_THREADS`` threads; restored afterwards)."""
     if workers <= 1:
         for i, s in enumerate(chunks):
             body(i, s, 0)
@@ -637,9 +646,10 @@ def _run_chunks(chunks: list[slice], body: Callable[[int, slice, int], None],
     lock = threading.Lock()
     failed = threading.Event()
     old = torch.get_num_threads()
+    per_worker = max(1, old // workers)
 
     def work(w: int) -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(per_worker)
         with torch.no_grad():  # grad mode is per thread
             while not failed.is_set():
                 with lock:
@@ -761,7 +771,7 @@ def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
     if chunk is None:
         if device.type == "cpu":
             chunk = max(1, CPU_CHUNK_BYTES // max(u_bytes, 1))
-            threads = torch.get_num_threads() if CHUNK_THREADS else 1
+            threads = min(torch.get_num_threads(), MAX_CHUNK_THREADS) if CHUNK_THREADS else 1
             chunk = min(chunk, -(-n // threads))
         else:
             chunk = n
