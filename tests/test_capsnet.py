@@ -178,3 +178,21 @@ def test_compiled_routing_matches_eager():
     (ga,) = torch.autograd.grad(a.sum(), x)
     (gb,) = torch.autograd.grad(b.sum(), x)
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("pose", ["matrix", "vector"])
+def test_chunked_vote_path_equals_whole_batch_votes(pose):
+    """ConvCaps routes through em_routing_slots (votes made per sample chunk) unless
+    return_all asks for the votes; both paths must give the same logits and gradients."""
+    torch.manual_seed(3)
+    net = CapsNet(5, 2, (32, 32), A=8, B=3, C=4, D=3, pose=pose).double()
+    x = torch.randn(3, 2, 32, 32, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(net.parameters())
+    fast = net(x)
+    g_fast = torch.autograd.grad((fast * torch.arange(1.0, 6.0, dtype=fast.dtype)).sum(), params)
+    full = net(x, return_all=True)["logits"]
+    g_full = torch.autograd.grad((full * torch.arange(1.0, 6.0, dtype=full.dtype)).sum(), params)
+    torch.testing.assert_close(fast, full, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_fast, g_full, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)

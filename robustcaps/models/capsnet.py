@@ -12,6 +12,19 @@ Spatial sizes ("valid" convolutions, as the paper's Figure 1 implies): 32x32 -> 
 Parameters at 2x32x32 input and 5 classes: ``capsnet`` (A=B=C=D=32) 317,194 (paper: "310K";
 the 2 input channels' and 2 biases per capsule type's share is included);
 ``capsnet-small`` (A=64, B=8, C=D=16) 68,754 (paper: 68K).
+
+Trainability and the number of routing iterations (measured, MNIST t10k-train: 7,000
+training / 1,000 validation images, capsnet-small at 28x28, Adam 3e-3, batch 32, 220
+steps, validation error): 2 iterations 12.7% (spread loss, lambda 0.01) and 9.8%
+(cross-entropy); 1 iteration 23.6%; 3 iterations 57-88% whatever else was varied (lambda
+0.01-1, variance floor 1e-8-1e-2, learning rate 3e-3/1e-2, gradient clipping, a 10x
+primary-pose scale, batch norm after conv1, assignments normalised per position only,
+no gradient through the assignments). At initialisation the gradient of the loss w.r.t.
+conv1's weights, relative to their norm, is 0.09 / 1.3 / 9.1 for 2 / 3 / 4 iterations:
+every extra E-step sharpens the assignments and multiplies the gradient by ~10. The
+default stays at the paper's 3 iterations (it defines the function attacked in Section
+6); the zoo's capsnet-small is trained with 2, Table 1's second row (2.2% vs 1.8% on
+smallNORB in the paper), and its card says so.
 """
 
 from __future__ import annotations

@@ -945,15 +945,18 @@ def _votes(p: torch.Tensor, w: torch.Tensor, pose: str) -> torch.Tensor:
     no permuted copy of the vote tensor is ever made).
     """
     g, n, L, _ = p.shape
-    c = w.shape[1]
+    out = torch.bmm(p.reshape(g, n * L, 16), _vote_matrix(w, pose))  # (G, n*L, C*16)
+    return out.reshape(g, n, L, w.shape[1], 16)
+
+
+def _vote_matrix(w: torch.Tensor, pose: str) -> torch.Tensor:
+    """(G, 16, C*16) matrix of :func:`_votes`: ``kron(I_4, W)`` (matrix) or ``W^T`` (vector)."""
+    g, c = w.shape[0], w.shape[1]
     if pose == "matrix":
         eye = torch.eye(4, dtype=w.dtype, device=w.device)
         # wm[g, (r', t), (c, r, s)] = delta(r, r') W[g, c, t, s]
-        wm = torch.einsum("qr,gcts->gqtcrs", eye, w).reshape(g, 16, c * 16)
-    else:
-        wm = w.permute(0, 3, 1, 2).reshape(g, 16, c * 16)  # [t, (c, h)]
-    out = torch.bmm(p.reshape(g, n * L, 16), wm)  # (G, n*L, C*16)
-    return out.reshape(g, n, L, c, 16)
+        return torch.einsum("qr,gcts->gqtcrs", eye, w).reshape(g, 16, c * 16)
+    return w.permute(0, 3, 1, 2).reshape(g, 16, c * 16)  # [t, (c, h)]
 
 
 class PrimaryCaps(nn.Module):
@@ -1030,15 +1033,18 @@ class ConvCaps(nn.Module):
         # Child slots, slot-major: (KK, B, N, L, 16) -> G = KK*B groups of distinct weights.
         pt = poses.reshape(n, h * w, b, 16).index_select(1, fold.index)  # (N, L*KK, B, 16)
         pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
-        # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has rows
-        # N*L*C*16 apart, which bmm and the routing read in place.
-        votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
         a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
-        res = routing_function(self.compile_routing)(
-            votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
-            final_lambda=self.final_lambda, fold=fold,
-            data_scale=fold.n_covered / (L * self.C),
-        )
+        kw = dict(iterations=self.iterations, final_lambda=self.final_lambda, fold=fold,
+                  data_scale=fold.n_covered / (L * self.C))
+        if return_all or self.compile_routing:
+            # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has
+            # rows N*L*C*16 apart, which bmm and the routing read in place.
+            votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
+            res = routing_function(self.compile_routing)(votes, a_in, self.beta_a,
+                                                         self.beta_u, **kw)
+        else:  # votes made per sample chunk inside the routing, never for the whole batch
+            res = em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in,
+                                   self.beta_a, self.beta_u, **kw)
         out = {
             "poses": res.poses.reshape(n, ho, wo, self.C, 16),
             "logits": res.logits.reshape(n, ho, wo, self.C),
