@@ -811,7 +811,6 @@ def em_routing(
     n, L, C, J, H = votes.shape
     cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
                   L * C * J * 2 * H * votes.element_size())
-    n, L, C, J, H = votes.shape
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
