@@ -23,8 +23,8 @@ no gradient through the assignments). At initialisation the gradient of the loss
 conv1's weights, relative to their norm, is 0.09 / 1.3 / 9.1 for 2 / 3 / 4 iterations:
 every extra E-step sharpens the assignments and multiplies the gradient by ~10. The
 default stays at the paper's 3 iterations (it defines the function attacked in Section
-6); the zoo's capsnet-small is trained with 2, Table 1's second row (2.2% vs 1.8% on
-smallNORB in the paper), and its card says so.
+6); the zoo's capsule networks are trained with 2, Table 1's second row (2.2% vs 1.8%
+on smallNORB in the paper), and their cards say so.
 """
 
 from __future__ import annotations
