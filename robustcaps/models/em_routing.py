@@ -194,6 +194,20 @@ class Fold:
         return new
 
 
+def _child_shift(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """(n, L, 1, J): each child's largest term of z (n, L, C, J) over every parent it feeds
+    (over the parent types at its position, then, with ``fold``, over all its slots)."""
+    n, L, C, J = z.shape
+    shift = z.amax(2)  # (n, L, J)
+    if fold is not None:
+        b = fold.types
+        s = shift.reshape(n, -1, b)  # (n, L*KK, B)
+        idx = fold.index.reshape(1, -1, 1).expand_as(s)
+        child = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
+        shift = child.index_select(1, fold.index).reshape(n, L, J)
+    return shift[:, :, None, :]
+
+
 def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """E-step normaliser. z: (N, L, C, J) = log a_j + log p_ij -> R (N, L, C, J).
 
@@ -202,23 +216,10 @@ def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     terms are shifted by their maximum (which cancels exactly, so it carries no gradient):
     every exponent is <= 0 and each child's total is >= 1, so nothing over- or underflows.
     """
-    n, L, C, J = z.shape
     with torch.no_grad():
-        shift = z.amax(2)  # (N, L, J): max over parent types at one position
-        if fold is not None:
-            b = fold.types
-            s = shift.reshape(n, -1, b)  # (N, L*KK, B)
-            idx = fold.index.reshape(1, -1, 1).expand_as(s)
-            child = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
-            shift = child.index_select(1, fold.index).reshape(n, L, J)
-    e = torch.exp(z - shift[:, :, None, :])
-    total = e.sum(2)  # (N, L, J)
-    if fold is not None:
-        b = fold.types
-        t = total.reshape(n, -1, b)
-        t = t.new_zeros((n, fold.n_pos, b)).index_add(1, fold.index, t)
-        total = t.index_select(1, fold.index).reshape(n, L, J)
-    return e / total[:, :, None, :]
+        shift = _child_shift(z, fold)
+    e = torch.exp(z - shift)
+    return e / _fold_sum(e, fold)
 
 
 def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
@@ -230,26 +231,19 @@ def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     return (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
 
 
-def _centred_moments(
-    votes: torch.Tensor, rw0: torch.Tensor, build_u: bool = True, buf: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference ``c`` (m, 1, H) and ``U = [V - c, (V - c)^2]`` (m, J, 2H), no autograd.
+def _reference_mean(votes: torch.Tensor, rw0: torch.Tensor) -> torch.Tensor:
+    """Reference ``c`` (m, 1, H) of the centred moments, no autograd.
 
     votes: (n, L, C, J, H); rw0: (n, L, 1, J) the first M-step's weights ``R_ij a_i``.
     ``c`` is that M-step's mean, so every later mean stays close to it and the moments
     about ``c`` lose no precision. The routing is mathematically independent of ``c``, so
-    it is a constant for autograd. ``build_u=False``: only ``c``. ``buf``: storage for U
-    (at least m*J*2H elements; reusing it avoids page-faulting a fresh buffer per chunk).
+    it is a constant for autograd.
     """
     n, L, C, J, H = votes.shape
     m = n * L * C
     with torch.no_grad():
-        v = votes.reshape(m, J, H)
         rw = rw0.expand(n, L, C, J).reshape(m, 1, J)
-        c = torch.bmm(rw, v) / (rw.sum(-1, keepdim=True) + MASS_EPS)  # (m, 1, H)
-        if not build_u:
-            return c, None
-    return c, _build_u(v, c, buf)
+        return torch.bmm(rw, votes.reshape(m, J, H)) / (rw.sum(-1, keepdim=True) + MASS_EPS)
 
 
 def _build_u(v: torch.Tensor, c: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,8 +286,6 @@ def _route(
     data_scale: float,
     var_floor: float,
     shape: tuple[int, int, int, int],
-    tape: list | None = None,
-    recentre: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1 on the centred moments ``U`` (m, J, 2H) of the votes V (m, J, H) about
     the constant ``c`` (m, 1, H).
@@ -304,14 +296,11 @@ def _route(
     denom`` (``mu = sum r V / (mass + eps)``), ``sum r (V - mu)^2 = S2 - d (2 S1 - d mass)``
     exactly (clamped at 0 against rounding).
     Every E-step is one ``bmm`` ``(1, 2H) @ (2H, J)``: ``-0.5 sum_h (V - mu)^2 / var =
-    [d / var, -0.5 / var] @ U^T - 0.5 sum_h d^2 / var``. With ``tape`` (a list), the
-    weights ``rw`` (m, 1, J), M-step sums ``S`` (m, 1, 2H), E-step weights ``w`` (m, 1, 2H)
-    and results ``e`` (m, 1, J) are appended, for the hand-written gradient w.r.t. ``U``.
-    Re-centring (float32 precision when a mean moves far from ``c``): ``recentre="auto"``
-    rebuilds U about the current means (still constants for autograd, so the algebra and
-    the gradients are unchanged) at an M-step where ``max d^2 / var > RECENTRE_RATIO``;
-    ``"always"`` at every M-step after the first (branch-free, for ``torch.compile``). A
-    rebuild is recorded in ``tape`` as ``("C", c, U)``; later entries refer to that U.
+    [d / var, -0.5 / var] @ U^T - 0.5 sum_h d^2 / var``.
+    Re-centring (float32 precision when a mean moves far from ``c``): every M-step after
+    the first rebuilds U about the current means (still constants for autograd, so the
+    algebra and the gradients are unchanged), branch-free for ``torch.compile``; the
+    eager :func:`_forward_chunk` re-centres only past ``RECENTRE_RATIO``.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
     """
     n, L, C, J = shape
@@ -320,40 +309,34 @@ def _route(
     ba = beta_a.reshape(1, 1, C)
     bu = beta_u.reshape(1, 1, C)
     R = R0
+
+    def moments(rw, U, c, mass, denom):  # noqa: ANN001, ANN202
+        S = torch.bmm(rw, U)  # (m, 1, 2H)
+        S1, S2 = S[..., :H], S[..., H:]
+        d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
+        return d, (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
+
     for t, lam in enumerate(lambdas):
         # ---- M-step: one bmm per parent for both moments
         rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
         mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
         denom = mass + MASS_EPS
-        for attempt in range(2):
-            S = torch.bmm(rw, U)  # (m, 1, 2H)
-            S1, S2 = S[..., :H], S[..., H:]
-            d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
-            var = (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
-            if attempt or t == 0 or not (
-                recentre == "always"
-                or (recentre == "auto" and bool((d * d / var).amax() > RECENTRE_RATIO))
-            ):
-                break
+        d, var = moments(rw, U, c, mass, denom)
+        if t:  # re-centre about the means just found, then recompute
             c = (c + d).detach()
             U = _build_u(V, c, None)
-            if tape is not None:
-                tape.append(("C", c, U))
+            d, var = moments(rw, U, c, mass, denom)
         mu = (c + d).reshape(n, L, C, H)
         log_var = var.log()
         sum_log_sigma = 0.5 * log_var.sum(-1).reshape(n, L, C)
         cost = (H * bu + sum_log_sigma) * (mass.reshape(n, L, C) / data_scale)
         logits = lam * (ba - cost)
-        if tape is not None:
-            tape.append(("M", rw, S))
         if t == len(lambdas) - 1:
             break
         # ---- E-step: one bmm per parent, in log space
         inv = var.reciprocal()  # (m, 1, H)
         w = torch.cat((d * inv, -0.5 * inv), -1)  # (m, 1, 2H)
         e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J); 3x faster than U @ w^T on MKL
-        if tape is not None:
-            tape.append(("E", w, e))
         const = -0.5 * (d * d * inv).sum(-1) - sum_log_sigma.reshape(m, 1) - 0.5 * H * LOG_2PI
         z = (e.reshape(m, J) + const).reshape(n, L, C, J) + F.logsigmoid(logits)[..., None]
         R = _normalise(z, fold)
@@ -401,15 +384,7 @@ def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
 
 def _normalise_(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage."""
-    n, L, C, J = z.shape
-    shift = z.amax(2)  # (n, L, J)
-    if fold is not None:
-        b = fold.types
-        s = shift.reshape(n, -1, b)
-        idx = fold.index.reshape(1, -1, 1).expand_as(s)
-        child = s.new_full((n, fold.n_pos, b), -math.inf).scatter_reduce_(1, idx, s, "amax")
-        shift = child.index_select(1, fold.index).reshape(n, L, J)
-    z.sub_(shift[:, :, None, :]).exp_()
+    z.sub_(_child_shift(z, fold)).exp_()
     return z.div_(_fold_sum(z, fold))
 
 
@@ -879,12 +854,12 @@ def em_routing_autograd(
     m = n * L * C
     R0 = _initial_R(votes, fold)
     a = a_in[:, :, None, :]
-    c, _ = _centred_moments(votes, (R0 * a).detach(), build_u=False)
+    c = _reference_mean(votes, (R0 * a).detach())
     V = votes.reshape(m, J, H)
     dv = V - c
     U = torch.cat((dv, dv * dv), -1)
     mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
-                           fold, data_scale, var_floor, (n, L, C, J), recentre="always")
+                           fold, data_scale, var_floor, (n, L, C, J))
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
