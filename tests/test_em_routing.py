@@ -10,10 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from robustcaps.models import native
 from robustcaps.models.em_routing import ClassCaps, ConvCaps, em_routing, lambda_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_em as ref  # noqa: E402
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def routing_impl(request, monkeypatch):
+    """Every test runs on the native passes (when a C compiler is there) and the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setenv("ROBUSTCAPS_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip(f"native routing unavailable: {native.status()}")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -196,8 +207,11 @@ def test_float32_tight_clusters_keep_precision(spread, std):
         err = (g32.double() - w64).abs().max().item()
         err_direct = (d32.double() - w64).abs().max().item()
         assert err < atol, (err, err_direct)
-        # no worse than the straightforward float32 computation (up to a small factor)
-        assert err < 4 * err_direct + 1e-6, (err, err_direct)
+        # no worse than the straightforward float32 computation (up to a small factor);
+        # logits (|.| up to ~1e3 here) amplify the float32 rounding of the masses by
+        # |H beta_u + sum log sigma|, so for them a relative 2e-5 of their scale is allowed
+        slack = 2e-5 * w64.abs().max().item() if w64 is want[1] else 1e-6
+        assert err < 4 * err_direct + slack, (err, err_direct)
 
 
 def _grads_of(fn, votes, a, ba, bu, seed):
@@ -281,10 +295,10 @@ def test_hand_backward_gradcheck_without_fold(monkeypatch, iters, ratio, which):
     assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_hand_backward_matches_autograd_graph_with_recentring(monkeypatch):
-    """Tight clusters far from the first mean: the forward re-centres U mid-way in some
-    chunks and the backward must rebuild every U it used; compare with the plain autograd
-    graph of the same computation (float64)."""
+def test_hand_backward_matches_autograd_graph_with_recentring(monkeypatch, routing_impl):
+    """Tight clusters far from the first mean: the forward re-centres mid-way (torch: U of
+    some chunks, which the backward must rebuild; native: some parents' references, which
+    the backward reads per row); compare with the plain autograd graph (float64)."""
     import robustcaps.models.em_routing as em
 
     votes, a, ba, bu = _tight_votes(3.0, 1e-2, seed=22, n=4)
@@ -296,7 +310,10 @@ def test_hand_backward_matches_autograd_graph_with_recentring(monkeypatch):
     outs, grads = _grads_of(lambda v, x, y, z: em_routing(v, x, y, z, chunk=1, **kw),
                             votes, a, ba, bu, seed=23)
     n_chunks = 4
-    assert len(fired) > 2 * n_chunks  # forward + backward builds, plus re-centrings
+    if routing_impl == "torch":
+        assert len(fired) > 2 * n_chunks  # forward + backward builds, plus re-centrings
+    else:
+        assert not fired  # no U at all
     b_outs, b_grads = _grads_of(lambda v, x, y, z: em.em_routing_autograd(v, x, y, z, **kw),
                                 votes, a, ba, bu, seed=23)
     for o, b in zip(outs, b_outs, strict=True):

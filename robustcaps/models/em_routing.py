@@ -146,6 +146,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from robustcaps.models import native
+
 VAR_FLOOR = 1e-4
 MASS_EPS = 1e-8
 LOG_2PI = math.log(2.0 * math.pi)
@@ -350,6 +352,13 @@ def _route(
 # threads the batch is split into at least one chunk per thread. Chosen by measurement
 # (robustcaps bench routing); on CUDA the whole batch is one chunk.
 CPU_CHUNK_BYTES = 6 * 2**20
+# The native passes keep only a block of parents' votes in cache, whatever the chunk, so
+# their chunks are sized to amortise the per-chunk torch ops instead: as many samples as
+# keep the chunk's VOTES within NATIVE_CHUNK_BYTES (capsnet-small ConvCaps1: 2.6 MB per
+# image -> 4 images; capsnet's 21 MB -> 1). Measured (2-core Xeon, capsnet-small, 2
+# threads, forward / forward+backward img/s): 1 image 349 / 98, 2: 468 / 133, 4: 516 /
+# 142, 8: 369 / 105.
+NATIVE_CHUNK_BYTES = 12 * 2**20
 
 
 @dataclass(frozen=True)
@@ -360,6 +369,7 @@ class _Config:
     var_floor: float
     chunk: int
     keep: bool = True  # False: no gradient can be asked for (grad mode off), save nothing
+    native: bool = False  # passes over the votes by robustcaps.models.native
 
 
 def _chunks(n: int, chunk: int) -> list[slice]:
@@ -411,7 +421,7 @@ class _Step:
 
 
 def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor,
-                   beta_u: torch.Tensor, cfg: _Config, buf: torch.Tensor,
+                   beta_u: torch.Tensor, cfg: _Config, buf: torch.Tensor | None,
                    steps: list[_Step] | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1 for one sample chunk, no autograd (the same algebra as :func:`_route`).
@@ -420,6 +430,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
     every M-step's :class:`_Step` is appended for :meth:`_EMRouting.backward`.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J).
     """
+    if cfg.native:
+        return _forward_chunk_native(votes, a_in, beta_a, beta_u, cfg, steps)
     n, L, C, J, H = votes.shape
     m = n * L * C
     fold, lambdas, ds, floor = cfg.fold, cfg.lambdas, cfg.data_scale, cfg.var_floor
@@ -470,6 +482,46 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
     return mu.view(n, L, C, H), logits, R
 
 
+def _forward_chunk_native(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor,
+                          beta_u: torch.Tensor, cfg: _Config,
+                          steps: list[_Step] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_forward_chunk` with each iteration's M-step and E-step terms as ONE native
+    pass (:func:`robustcaps.models.native.iteration`): no U; every M-step after the first is
+    centred on the previous iteration's means, and a parent whose mean still moves more
+    than ``sqrt(RECENTRE_RATIO)`` sigma is recomputed about its new mean (per parent)."""
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    fold, lambdas = cfg.fold, cfg.lambdas
+    R0 = _initial_R(votes, fold)
+    V = votes.reshape(m, J, H)
+    a_flat = a_in.reshape(n * L, J).contiguous()
+    rows = (R0 * a_in[:, :, None, :]).reshape(n * L, J)  # R0 a, shared by a position's parents
+    ba = beta_a.contiguous()
+    buh = (H * beta_u).contiguous()
+    R, c0, rdiv, A = None, None, C, None
+    last = len(lambdas) - 1
+    for t, lam in enumerate(lambdas):
+        o = native.iteration(V, rows, c0, rdiv=rdiv, A=A, adiv=C, C=C, beta_a=ba, buh=buh,
+                             lam=lam, data_scale=cfg.data_scale, var_floor=cfg.var_floor,
+                             eps=MASS_EPS, ratio=RECENTRE_RATIO, estep=t != last)
+        c, d = o["c"].view(m, 1, H), o["d"].view(m, 1, H)
+        logits = o["logit"].view(n, L, C)
+        if steps is not None:
+            steps.append(_Step(c, o["S"].view(m, 1, 2 * H), o["mass"].view(m, 1, 1), d,
+                               o["var"].view(m, 1, H), o["q"].view(m, 1, H),
+                               o["sls"].view(m, 1), logits, R,
+                               o["w"].view(m, 1, 2 * H) if t != last else None))
+        if t == last:
+            break
+        R = _normalise_(o["z"].view(n, L, C, J), fold)
+        rows, rdiv, A = R.view(m, J), 1, a_flat
+        c0 = (c + d).view(m, H)
+    if R is None:
+        R = R0.expand(n, L, C, J)
+    return (c + d).view(n, L, C, H), logits, R
+
+
 def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor,
                     cfg: _Config, steps: list[_Step], g_mu: torch.Tensor | None,
                     g_logits: torch.Tensor | None, g_R: torch.Tensor | None,
@@ -481,7 +533,9 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
     ``U`` are ``d rw_t = dS_t @ U^T`` (M-steps) and ``dw_t = de_t @ U`` (E-steps), and
     ``dL/dU = sum_t rw_t^T dS_t + de_t^T w_t`` is ONE bmm per U (one U unless the forward
     re-centred), then ``dL/dV = dU[:H] + 2 (V - c) dU[H:]`` is written into ``g_votes``
-    (n, L, C, J, H). g_a (n, L, J), g_ba, g_bu (C,) are accumulated into.
+    (n, L, C, J, H). With ``cfg.native`` the products and ``dL/dV`` (each row with its own
+    ``c``) are the native kernels and no U is built. g_a (n, L, J), g_ba, g_bu (C,) are
+    accumulated into.
     """
     n, L, C, J, H = votes.shape
     m = n * L * C
@@ -504,9 +558,11 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
     K = 2 * len(lambdas) - 1
     left = votes.new_empty(m, K, J)
     right = votes.new_empty(m, K, 2 * H)
+    nat = cfg.native
+    cs = votes.new_empty(m, K, H) if nat else None  # native: each row's reference c
     k = 0
     first = True
-    U_buf, dU_buf = buf[0], buf[1]
+    U_buf, dU_buf = (None, None) if buf is None else (buf[0], buf[1])
 
     def flush() -> None:  # dV += dU[:H] + 2 (V - c) dU[H:] for the current U
         nonlocal k, first
@@ -521,8 +577,11 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
             gv.add_(dU[..., :H]).addcmul_(U[..., :H], dU[..., H:], value=2.0)
         k = 0
 
-    def use(c: torch.Tensor) -> torch.Tensor:
+    def use(c: torch.Tensor) -> torch.Tensor | None:
         nonlocal cur_c, U
+        if nat:
+            cs[:, k] = c[:, 0]
+            return None
         if c is not cur_c:
             flush()
             U = _build_u(V, c, U_buf)
@@ -554,7 +613,12 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         rw_R = st.R if st.R is not None else R0
         torch.mul(rw_R.expand(n, L, C, J), a, out=left[:, k].view(n, L, C, J))  # rw_t
         k += 1
-        g_rw = torch.baddbmm(g_mass + g_den, g_S, Ut.transpose(1, 2))  # (m, 1, J)
+        if nat:
+            g_rw = votes.new_empty(m, J)
+            native.estep(V, st.c.view(m, H), g_S.view(m, 2 * H), g_rw,
+                         (g_mass + g_den).view(m))
+        else:
+            g_rw = torch.baddbmm(g_mass + g_den, g_S, Ut.transpose(1, 2))  # (m, 1, J)
         g_rw = g_rw.view(n, L, C, J)
         g_a += (g_rw * rw_R).sum(2)
         if t == 0:
@@ -572,13 +636,21 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         gl = g_const * torch.sigmoid(-prev.logits)
         d, inv = prev.d, prev.var.reciprocal()
         g_const = g_const.reshape(m, 1, 1)
-        g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
+        if nat:
+            g_w = votes.new_empty(m, 2 * H)
+            native.moments(V, g_e.view(m, J), prev.c.view(m, H), g_w)
+            g_w = g_w.view(m, 1, 2 * H)
+        else:
+            g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
         g_w1, g_w2 = g_w[..., :H], g_w[..., H:]
         gd = (g_w1 - g_const * d) * inv
         g_inv = g_w1 * d - 0.5 * g_w2 - 0.5 * g_const * d * d
         gvar = -g_inv * inv * inv
         gsls = -g_const.reshape(m, 1)
         gR = None
+    if nat:
+        native.vgrad(V, left, right, cs, gv)
+        return
     flush()
     if first:
         gv.zero_()
@@ -672,7 +744,8 @@ class _EMRouting(torch.autograd.Function):
         k = cfg.chunk
         chunks = _chunks(n, k)
         workers = _n_workers(x.device, len(chunks))
-        bufs = [x.new_empty(k * L * C * J * 2 * H) for _ in range(workers)]
+        bufs = [None if cfg.native else x.new_empty(k * L * C * J * 2 * H)
+                for _ in range(workers)]
         vbufs = [x.new_empty(k * L * C * J * H) for _ in range(workers if wm is not None else 0)]
         # (needs_input_grad ignores grad mode: parameters under no_grad still say True)
         keep = cfg.keep and any(ctx.needs_input_grad[:5])
@@ -711,7 +784,8 @@ class _EMRouting(torch.autograd.Function):
         k = cfg.chunk
         chunks = _chunks(n, k)
         workers = _n_workers(x.device, len(chunks))
-        bufs = [x.new_empty(2, k * L * C * J * 2 * H) for _ in range(workers)]  # U, dU
+        bufs = [None if cfg.native else x.new_empty(2, k * L * C * J * 2 * H)  # U, dU
+                for _ in range(workers)]
         vbufs = [x.new_empty(2, k * L * C * J * H) for _ in range(workers if wm is not None else 0)]
         # per-worker partial sums of the shared gradients
         g_ba = [torch.zeros_like(beta_a) for _ in range(workers)]
@@ -741,17 +815,21 @@ class _EMRouting(torch.autograd.Function):
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None,
-            u_bytes: int) -> _Config:
-    """u_bytes: size of one sample's ``U``."""
+            u_bytes: int, use_native: bool = False) -> _Config:
+    """u_bytes: size of one sample's ``U``; use_native: route with the native passes."""
     if chunk is None:
         if device.type == "cpu":
-            chunk = max(1, CPU_CHUNK_BYTES // max(u_bytes, 1))
+            if use_native:  # the votes are half of U
+                chunk = max(1, NATIVE_CHUNK_BYTES // max(u_bytes // 2, 1))
+            else:
+                chunk = max(1, CPU_CHUNK_BYTES // max(u_bytes, 1))
             threads = min(torch.get_num_threads(), MAX_CHUNK_THREADS) if CHUNK_THREADS else 1
             chunk = min(chunk, -(-n // threads))
         else:
             chunk = n
     return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
-                   float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled())
+                   float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled(),
+                   use_native)
 
 
 def em_routing(
@@ -785,7 +863,7 @@ def em_routing(
     """
     n, L, C, J, H = votes.shape
     cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * C * J * 2 * H * votes.element_size())
+                  L * C * J * 2 * H * votes.element_size(), native.usable(votes))
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
@@ -831,7 +909,7 @@ def em_routing_slots(
     """
     J, n, L, _ = pt.shape
     cfg = _config(n, pt.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * wm.shape[2] * J * 2 * pt.element_size())
+                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt))
     mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
