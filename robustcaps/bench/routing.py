@@ -13,6 +13,11 @@ use nor counts as used; where the reset is unavailable, the growth of
 ``resource.getrusage().ru_maxrss`` (which then only shows new peaks). The ``memory_method``
 field says which was used. Timings are medians over ``repeats`` runs after one warm-up.
 
+Routing passes: on the CPU the passes over the votes are the native C kernels of
+:mod:`robustcaps.models.native` when they could be built (``passes`` says ``native`` or
+``torch``); ``--torch-passes`` measures the torch-ops implementation instead, for a ratio on
+the same machine. ``cpu`` names the processor.
+
 Threads: with ``threads > 1`` the routing runs a layer's sample chunks on that many threads
 (``em_routing.CHUNK_THREADS``); ``--intra-op`` measures the alternative, every op split over
 torch's intra-op threads. ``load_avg_1m`` (``os.getloadavg``, at the start of each row) says
@@ -109,12 +114,14 @@ def benchmark_routing(
     compile_routing: bool = False,
     threads: int | None = None,
     chunk_threads: bool = True,
+    native_passes: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per configuration: forward and forward+backward images/s and peak memory.
 
     ``threads``: CPU threads for the measurement (restored afterwards); None keeps torch's
     current setting. ``chunk_threads``: route sample chunks in parallel on those threads
     (the default); False splits every op over torch's intra-op threads instead.
+    ``native_passes``: False routes with torch ops even where the native kernels exist.
     """
     from ..models import em_routing
 
@@ -122,21 +129,41 @@ def benchmark_routing(
         raise RobustcapsError(f"threads must be positive, got {threads}")
     old_threads = torch.get_num_threads()
     old_chunk_threads = em_routing.CHUNK_THREADS
+    old_native = os.environ.get("ROBUSTCAPS_NATIVE")
     if threads is not None:
         torch.set_num_threads(threads)
     em_routing.CHUNK_THREADS = chunk_threads
+    if not native_passes:
+        os.environ["ROBUSTCAPS_NATIVE"] = "0"
     try:
         return _benchmark(configs, device, batch_size, iterations, repeats, dtype,
                           compile_routing)
     finally:
         torch.set_num_threads(old_threads)
         em_routing.CHUNK_THREADS = old_chunk_threads
+        if old_native is None:
+            os.environ.pop("ROBUSTCAPS_NATIVE", None)
+        else:
+            os.environ["ROBUSTCAPS_NATIVE"] = old_native
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform reports."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() == "model name":
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size: int,
                iterations: int, repeats: int, dtype: torch.dtype,
                compile_routing: bool) -> list[dict[str, Any]]:
-    from ..models import em_routing
+    from ..models import em_routing, native
     from ..models.registry import count_params, create_model
     from ..utils import resolve_device
 
@@ -166,6 +193,8 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             "threads": torch.get_num_threads(), "compiled": compile_routing,
             "chunk_threads": em_routing.CHUNK_THREADS and torch.get_num_threads() > 1,
             "load_avg_1m": round(os.getloadavg()[0], 2),
+            "passes": "native" if native.usable(x) and not compile_routing else "torch",
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
             times = []
@@ -206,10 +235,12 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
 @click.option("--intra-op", is_flag=True,
               help="Split every routing op over the threads instead of routing sample chunks "
                    "on parallel threads (the default).")
+@click.option("--torch-passes", is_flag=True,
+              help="Route with torch ops even where the native CPU kernels are built.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,
             models: tuple[str, ...], compile_routing: bool, threads: tuple[int, ...],
-            intra_op: bool, as_json: bool) -> None:
+            intra_op: bool, torch_passes: bool, as_json: bool) -> None:
     """Capsule network forward and forward+backward (input gradient) images/s and memory."""
     if device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -220,17 +251,19 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
         for nt in threads or (None,):
             rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
                                       compile_routing=compile_routing, threads=nt,
-                                      chunk_threads=not intra_op)
+                                      chunk_threads=not intra_op,
+                                      native_passes=not torch_passes)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
                f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
-    header = (f"{'model':<14} {'device':<7} {'thr':>3} {'params':>8} {'fwd img/s':>10} {'fwd MB':>8} "
-              f"{'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5}")
+    click.echo(f"CPU: {rows[0]['cpu']} ({rows[0]['cpu_count']} logical cores)")
+    header = (f"{'model':<14} {'device':<7} {'thr':>3} {'passes':<6} {'params':>8} {'fwd img/s':>10} "
+              f"{'fwd MB':>8} {'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
-        click.echo(f"{r['model']:<14} {r['device']:<7} {r['threads']:>3} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
+        click.echo(f"{r['model']:<14} {r['device']:<7} {r['threads']:>3} {r['passes']:<6} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
                    f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
                    f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f}")

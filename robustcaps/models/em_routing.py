@@ -5,8 +5,8 @@ Layout and speed
 A capsule layer with ``L`` output positions, ``C`` parent capsule types and ``J`` child
 slots per output position (``J = K*K*B`` for a KxK convolutional capsule layer over ``B``
 child types, ``J = H*W*D`` for the class layer) routes a vote tensor of shape
-``(N, L, C, J, 16)``. Routing is memory-bound on vote-sized tensors, so it is organised to
-touch them as few times as possible:
+``(N, L, C, J, 16)``. Routing is bound by its passes over vote-sized tensors, so it is
+organised to touch them as few times as possible:
 
 - Votes are ONE bmm per slot, ``(N*L, 16) @ kron(I_4, W)`` (16, C*16), which writes them
   slot-major ``(J, N, L, C, 16)``; the routing reads them in place through an
@@ -17,54 +17,54 @@ touch them as few times as possible:
   backward, where the chunk's vote gradient goes straight into the pose and weight
   gradients), so neither the votes nor their gradient ever exist for the whole batch
   (capsnet's ConvCaps1: 680 MB each, page-faulted afresh on every call).
-- Centred moments: per parent a constant reference ``c`` (the first M-step's mean) and
-  ``U = [V - c, (V - c)^2]`` (m, J, 32), built once. Each M-step is then ONE bmm
-  ``rw (1, J) @ U`` giving both moments (mean and variance by exact identities, see
-  :func:`_route`), each E-step ONE bmm ``[d/var, -1/(2 var)] @ U^T``. Nothing else of
-  vote size happens inside the loop. ``U`` is rebuilt about the current means when a mean
-  moves more than ~32 sigma from ``c`` (``RECENTRE_RATIO``), so float32 keeps its
-  precision on tight clusters (tested against float64).
+- Native passes (the CPU default, :mod:`robustcaps.models.native`): small C kernels,
+  built on first use with the system compiler, read each vote row (16 elements, one
+  vector) straight from the votes in either layout. One kernel call is a whole iteration
+  for a block of 8 parents: the weighted moments about a reference ``c`` (with the first
+  iteration's weighted mean computed in the same call), the M-step algebra below, and the
+  E-step log terms, the block's votes coming from L2 for every pass after the first. So a
+  forward reads the votes T times (plus the first mean) and writes nothing vote-sized;
+  only the per-child E-step normaliser (a fold over parents) stays in torch, between
+  iterations. The reference of every M-step after the first is the previous iteration's
+  mean, and a parent whose mean still moves more than ``sqrt(RECENTRE_RATIO)`` sigma is
+  recomputed about its new mean, per parent (free: there is no U to rebuild). The
+  backward's products (``d rw_t = dS_t [V - c, (V - c)^2]^T``, ``dw_t = de_t [..]``) and
+  the vote gradient (every product with its own ``c``) are kernels too. Without a
+  compiler, on CUDA, or with ``ROBUSTCAPS_NATIVE=0`` the torch passes below run instead
+  (same results to rounding; both are tested against the loop oracle).
+- Torch passes, centred moments: per parent a constant reference ``c`` (the first
+  M-step's mean) and ``U = [V - c, (V - c)^2]`` (m, J, 32), built once. Each M-step is
+  then ONE bmm ``rw (1, J) @ U`` giving both moments (mean and variance by exact
+  identities, see :func:`_route`), each E-step ONE bmm ``[d/var, -1/(2 var)] @ U^T``.
+  ``U`` is rebuilt about the current means when a mean moves more than ~32 sigma from
+  ``c`` (``RECENTRE_RATIO``), so float32 keeps its precision on tight clusters (tested
+  against float64).
 - Hand-written backward (:class:`_EMRouting`): when an input needs a gradient, the
   forward keeps per chunk the per-parent moments of every M-step and the assignments
-  ``R_t`` of the later ones (``(T-1)/32`` of ``U``'s size); the backward rebuilds each
-  chunk's ``U`` once and sweeps the iterations in reverse in closed form (no re-run of
-  the forward routing, no autograd): ``d rw_t = dS_t U^T`` and ``dw_t = de_t U``, then
-  ``dL/dU`` for all iterations as ONE bmm and ``dL/dV = dU[:16] + 2 (V - c) dU[16:]``.
-  Passes over vote-sized memory per chunk: forward 7.5 (c, U build, 3 M-steps, 2
-  E-steps), backward 8 (U build, 5 products, dU, the gradient write) instead of the
-  previous re-run forward plus 7. First derivatives only (``once_differentiable``);
-  :func:`em_routing_autograd` is the same computation as a plain autograd graph (used for
-  ``torch.compile`` and as a test oracle).
-- Cache blocking on the CPU: the routing runs over sample chunks of as many images as
-  keep their ``U`` within ``CPU_CHUNK_BYTES`` (6 MB; at least 1), vectorised inside a
-  chunk, with reused buffers, so ``U`` (5.3 MB per image for capsnet-small's ConvCaps1)
-  stays in L2/L3 across the iterations (1 image measured 1.03-1.08x faster than 2, which
-  was 1.8x faster than the whole batch; the class layer's 0.16 MB per image is routed as
-  one chunk per thread, 3-7x faster than image by image). capsnet's
-  ConvCaps1 has 42 MB of ``U`` per image, so it streams from memory regardless. On CUDA
-  the whole batch is one chunk.
+  ``R_t`` of the later ones; the backward sweeps the iterations in reverse in closed form
+  (no re-run of the forward routing, no autograd): ``d rw_t = dS_t U^T`` and
+  ``dw_t = de_t U``, then ``dL/dV = dU[:16] + 2 (V - c) dU[16:]`` with ``dL/dU`` for all
+  iterations as ONE bmm (torch passes; the native kernel does the same sum per vote row).
+  First derivatives only (``once_differentiable``); :func:`em_routing_autograd` is the
+  same computation as a plain autograd graph (used for ``torch.compile`` and as a test
+  oracle).
+- Chunks on the CPU: the routing runs over sample chunks, vectorised inside a chunk.
+  Torch passes: as many images as keep their ``U`` within ``CPU_CHUNK_BYTES`` (6 MB, at
+  least 1), so ``U`` stays in L2/L3 across the iterations. Native passes: as many as keep
+  their votes within ``NATIVE_CHUNK_BYTES`` (12 MB), to amortise the per-chunk torch ops
+  (the kernels block for the cache themselves). On CUDA the whole batch is one chunk.
 - Threads: with ``torch.get_num_threads() > 1`` a layer's chunks run on that many Python
-  threads (at most ``MAX_CHUNK_THREADS`` = 4; a pool; torch ops release the GIL), each
-  running its ops single-threaded (``CHUNK_THREADS``; False splits every op over torch's
-  intra-op threads instead). Most
-  routing ops are too small for intra-op threading to pay, and on the loaded shared CPU
-  (load 2-3 on 2 cores) 2 intra-op threads collapsed to 0.1-0.3x of 1 thread (OpenMP
-  regions wait for a descheduled thread; capsnet-small forward 14 s per batch) where 2
-  chunk threads gave 0.6x (376 vs 219 ms); under that load 1 thread was fastest. On an
-  idle machine (not available while measuring) 2 threads should win; ``robustcaps bench
-  routing --threads 1 --threads 2 [--intra-op]`` measures both.
-- Measured (2-core shared CPU with training jobs on both cores, load 2-2.5, 1 thread,
-  batch 32, old (commit fab8c06) vs new interleaved in one process): capsnet-small
-  forward 1.11x (132 -> 147 img/s), forward+input-gradient 1.51x (40 -> 60); capsnet
-  1.05x (19.2 -> 20.2) and 1.64x (5.3 -> 8.7). With ConvCaps routing through
-  :func:`em_routing_slots` (prototype layer): capsnet-small 1.62x / 1.75x, capsnet
-  1.48x / 1.94x, and peak memory (bench, separate processes) capsnet 864 -> 341 MB
-  forward, 1851 -> 455 MB forward+backward. Remaining cost (capsnet-small, 1 thread,
-  forward, layers as they are): the whole-batch vote bmm of the layers, ~32% (mostly page
-  faults of a fresh 85 MB output, which :func:`em_routing_slots` avoids); in the routing,
-  the U passes (~55%) and the per-chunk small ops of the normaliser and M-step (~40%;
-  about half of the backward's time outside the U passes). 2 threads could not be
-  measured on an idle machine (see Threads).
+  threads (at most ``MAX_CHUNK_THREADS`` = 4; a pool; torch ops and the kernels release
+  the GIL), each running its ops single-threaded (``CHUNK_THREADS``; False splits every
+  op over torch's intra-op threads instead, which made 2 threads 0.1-0.3x of 1 on a
+  loaded shared CPU). ``robustcaps bench routing --threads 1 --threads 2 [--intra-op]
+  [--torch-passes]`` measures the alternatives.
+- Measured (``robustcaps bench routing``, 2-core Intel Xeon KVM guest, idle, batch 32,
+  3 iterations, 2 threads, forward / forward + input gradient img/s): torch passes
+  capsnet-small 188 / 72, capsnet 34 / 12.2; native passes 464 / 133 and 96 / 26. On
+  that machine the kernels read about 4-5 G vote elements/s per core, near its memory
+  bandwidth for the first pass; the remaining cost is mostly the per-chunk torch ops of
+  the normaliser and the backward's per-parent algebra.
 The only Python loops are over the routing iterations and the sample chunks.
 
 Convolutional routing, as in Section 4
