@@ -207,10 +207,14 @@ def test_float32_tight_clusters_keep_precision(spread, std):
         err = (g32.double() - w64).abs().max().item()
         err_direct = (d32.double() - w64).abs().max().item()
         assert err < atol, (err, err_direct)
-        # no worse than the straightforward float32 computation (up to a small factor);
-        # logits (|.| up to ~1e3 here) amplify the float32 rounding of the masses by
-        # |H beta_u + sum log sigma|, so for them a relative 2e-5 of their scale is allowed
-        slack = 2e-5 * w64.abs().max().item() if w64 is want[1] else 1e-6
+        # no worse than the straightforward float32 computation (up to a small factor).
+        # Logits (|.| up to ~1e3 here) amplify the float32 rounding of the masses by
+        # |H beta_u + sum log sigma|, and the masses carry that of the E-step terms, which
+        # hold log a (up to ~1e3) too; how it falls depends on the build (FMA or not: 0.021
+        # or 0.039 for the native passes, 0.022 for the torch ones), so for logits a relative
+        # 5e-5 of their scale is allowed (a routing that lost the centred moments' precision
+        # was 0.44 off here)
+        slack = 5e-5 * w64.abs().max().item() if w64 is want[1] else 1e-6
         assert err < 4 * err_direct + slack, (err, err_direct)
 
 
