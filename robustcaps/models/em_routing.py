@@ -60,8 +60,9 @@ organised to touch them as few times as possible:
   loaded shared CPU). ``robustcaps bench routing --threads 1 --threads 2 [--intra-op]
   [--torch-passes]`` measures the alternatives.
 - Measured (``robustcaps bench routing``, 2-core Intel Xeon KVM guest, idle, batch 32,
-  3 iterations, 2 threads, forward / forward + input gradient img/s): torch passes
-  capsnet-small 188 / 72, capsnet 34 / 12.2; native passes 464 / 133 and 96 / 26. On
+  3 iterations, 2 threads, forward / forward + input gradient img/s, medians of 5 and 2
+  runs): native passes capsnet-small 510 / 145.5, capsnet 111 / 27.5; torch passes
+  180 / 71.5 and 38.5 / 13.9 (the README has the ranges and the 1-thread figures). On
   that machine the kernels read about 4-5 G vote elements/s per core, near its memory
   bandwidth for the first pass; the remaining cost is mostly the per-chunk torch ops of
   the normaliser and the backward's per-parent algebra.
