@@ -47,6 +47,32 @@ static inline void F(block_moments)(long nb, long J, long sj, const T *const *v,
     }
 }
 
+/* Row pointers of the block of nb parents from m0: votes v[i] = V[m], weights r[i] = R
+ * row (m / rdiv) (stride sr), activations a[i] = A row (m / adiv) or NULL. */
+static inline void F(block_rows)(long m0, long nb, long J, const T *V, long sm,
+                                 const T *R, long sr, long rdiv, const T *A, long adiv,
+                                 const T **v, const T **r, const T **a) {
+    for (long i = 0; i < nb; i++) {
+        long m = m0 + i;
+        v[i] = V + m * sm;
+        r[i] = R + (m / rdiv) * sr;
+        a[i] = A ? A + (m / adiv) * J : 0;
+    }
+}
+
+/* E-step terms of nb parents, z rows out[i]:
+ *   out[i][j] = (w1 . (V - cc) + w2 . (V - cc)^2 + k1) + k2
+ * (the per-parent constant, then log a, added in the order of the torch path). */
+static inline void F(block_estep)(long nb, long J, long sj, const T *const *v,
+                                  const VEC *cc, const VEC *w1, const VEC *w2,
+                                  const T *k1, const T *k2, T *const *out) {
+    for (long j = 0; j < J; j++)
+        for (long i = 0; i < nb; i++) {
+            VEC dv = LD(v[i] + j * sj) - cc[i];
+            out[i][j] = (F(hsum)(dv * (w1[i] + w2[i] * dv)) + k1[i]) + k2[i];
+        }
+}
+
 /* Weighted moments about c, one parent per row of S (row stride ss):
  *   S[m, :16] = sum_j r[m,j] (V[m,j] - c[m]),  S[m, 16:] = sum_j r[m,j] (V[m,j] - c[m])^2
  * (the second half only when `second`), with r[m,j] = R[(m / rdiv) * sr + j] times
@@ -60,13 +86,8 @@ void F(rc_moments)(const T *V, long sm, long sj, long M, long J,
         VEC a1[NB], a2[NB], cc[NB];
         T ms[NB];
         const T *r[NB], *a[NB], *v[NB];
-        for (long i = 0; i < nb; i++) {
-            long m = m0 + i;
-            cc[i] = c ? LD(c + m * 16) : (VEC){0};
-            r[i] = R + (m / rdiv) * sr;
-            a[i] = A ? A + (m / adiv) * J : 0;
-            v[i] = V + m * sm;
-        }
+        F(block_rows)(m0, nb, J, V, sm, R, sr, rdiv, A, adiv, v, r, a);
+        for (long i = 0; i < nb; i++) cc[i] = c ? LD(c + (m0 + i) * 16) : (VEC){0};
         F(block_moments)(nb, J, sj, v, r, a, cc, a1, a2, ms, second);
         for (long i = 0; i < nb; i++) {
             ST(S + (m0 + i) * ss, a1[i]);
@@ -101,20 +122,15 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
         VEC a1[NB], a2[NB], cc[NB], dd[NB], vv[NB], qq[NB];
         T ms[NB];
         const T *r[NB], *a[NB], *v[NB];
-        for (long i = 0; i < nb; i++) {
-            long m = m0 + i;
-            r[i] = R + (m / rdiv) * sr;
-            a[i] = A ? A + (m / adiv) * J : 0;
-            v[i] = V + m * sm;
-            cc[i] = c0 ? LD(c0 + m * 16) : (VEC){0};
-        }
+        F(block_rows)(m0, nb, J, V, sm, R, sr, rdiv, A, adiv, v, r, a);
+        for (long i = 0; i < nb; i++) cc[i] = c0 ? LD(c0 + (m0 + i) * 16) : (VEC){0};
         if (!c0) {
             F(block_moments)(nb, J, sj, v, r, a, cc, a1, a2, ms, 0);
             for (long i = 0; i < nb; i++) cc[i] = a1[i] / (ms[i] + epsT);
         }
         for (int pass = 0; pass < 2; pass++) {
             F(block_moments)(nb, J, sj, v, r, a, cc, a1, a2, ms, 1);
-            int far = 0;
+            int far = 0, moved[NB];
             for (long i = 0; i < nb; i++) {
                 T den = ms[i] + epsT;
                 dd[i] = (a1[i] - epsT * cc[i]) / den;
@@ -122,18 +138,16 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
                 VEC qc = qq[i];
                 for (int h = 0; h < 16; h++) qc[h] = qc[h] > 0 ? qc[h] : 0;
                 vv[i] = qc / den + flo;
+                moved[i] = 0;
                 if (c0 && !pass) {
                     VEC ratio_v = dd[i] * dd[i] / vv[i];
-                    for (int h = 0; h < 16; h++) far |= ratio_v[h] > (T)ratio;
+                    for (int h = 0; h < 16; h++) moved[i] |= ratio_v[h] > (T)ratio;
+                    far |= moved[i];
                 }
             }
             if (!far) break;
-            for (long i = 0; i < nb; i++) {  /* re-centre only the parents that moved far */
-                VEC ratio_v = dd[i] * dd[i] / vv[i];
-                int moved = 0;
-                for (int h = 0; h < 16; h++) moved |= ratio_v[h] > (T)ratio;
-                if (moved) cc[i] += dd[i];
-            }
+            for (long i = 0; i < nb; i++)  /* re-centre only the parents that moved far */
+                if (moved[i]) cc[i] += dd[i];
         }
         for (long i = 0; i < nb; i++) {
             long m = m0 + i, type = m % C;
@@ -153,7 +167,7 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
         }
         if (!z) continue;
         VEC w1[NB], w2[NB];
-        T k1[NB], k2[NB];
+        T k1[NB], k2[NB], *out[NB];
         for (long i = 0; i < nb; i++) {
             long m = m0 + i;
             VEC inv = 1 / vv[i];
@@ -164,19 +178,15 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
             k1[i] = (T)-0.5 * F(hsum)(dd[i] * dd[i] * inv) - sls[m] - half_log_2pi;
             T x = logit[m];  /* logsigmoid, stable */
             k2[i] = (x < 0 ? x : 0) - LOG1PT(EXPT(-(x < 0 ? -x : x)));
+            out[i] = z + m * J;
         }
-        for (long j = 0; j < J; j++)
-            for (long i = 0; i < nb; i++) {
-                VEC dv = LD(v[i] + j * sj) - cc[i];
-                z[(m0 + i) * J + j] = (F(hsum)(dv * (w1[i] + w2[i] * dv)) + k1[i]) + k2[i];
-            }
+        F(block_estep)(nb, J, sj, v, cc, w1, w2, k1, k2, out);
     }
 }
 
 /* Log-density-like products, one row of z per parent (row stride sz):
- *   z[m, j] = (sum_h ... + add[m]) + add2[m], with sum_h ...: sum_h w[m,h] (V[m,j,h] - c[m,h]) + w[m,16+h] (V[m,j,h] - c[m,h])^2
- * w: (M, 32) with row stride sw; c: (M, 16) contiguous; add, add2: (M,) or NULL (the
- * E-step adds the per-parent constant, then log a, in the order of the torch path). */
+ *   z[m, j] = (w[m,:16] . (V[m,j] - c[m]) + w[m,16:] . (V[m,j] - c[m])^2 + add[m]) + add2[m]
+ * w: (M, 32) with row stride sw; c: (M, 16) contiguous; add, add2: (M,) or NULL. */
 void F(rc_estep)(const T *V, long sm, long sj, long M, long J, const T *c,
                  const T *w, long sw, const T *add, const T *add2, T *z, long sz) {
     for (long m0 = 0; m0 < M; m0 += NB) {
@@ -193,11 +203,7 @@ void F(rc_estep)(const T *V, long sm, long sj, long M, long J, const T *c,
             v[i] = V + m * sm;
             out[i] = z + m * sz;
         }
-        for (long j = 0; j < J; j++)
-            for (long i = 0; i < nb; i++) {
-                VEC d = LD(v[i] + j * sj) - cc[i];
-                out[i][j] = (F(hsum)(d * (w1[i] + w2[i] * d)) + ad[i]) + ad2[i];
-            }
+        F(block_estep)(nb, J, sj, v, cc, w1, w2, ad, ad2, out);
     }
 }
 
