@@ -216,7 +216,7 @@ def test_fetch_smallnorb_records_missing_hash_and_verifies(server, tmp_path):
     assert len(server.requests) == n_requests
 
     reports = {r.name: r for r in download.verify(tmp_path, files=files, progress=False)}
-    assert reports[testing_cat].checksum == "recorded match"
+    assert reports[testing_cat].checksum == download.TOFU_MATCH
     assert all(r.ok for r in reports.values())
     assert sum(r.checksum == "official match" for r in reports.values()) == 5
 
@@ -309,3 +309,11 @@ def test_mnist_base_urls_try_next(server, tmp_path):
     got = download.fetch_files([rf], tmp_path, [server.url("/bad/"), server.url("/good/")],
                                progress=False)
     assert Path(got[0].path).read_bytes() == b"hello"
+
+
+def test_default_sources_are_https_and_pinned():
+    assert all(url.startswith("https://") for url in (*download.MNIST_URLS, download.SMALLNORB_URL))
+    assert all(rf.sha256 is not None and len(rf.sha256) == 64 for rf in download.mnist_files())
+    # smallNORB's testing-cat has no published hash: it is the one trusted-on-first-use file.
+    unpinned = [rf.name for rf in download.smallnorb_files() if rf.sha256 is None]
+    assert unpinned == ["smallnorb-5x01235x9x18x6x2x96x96-testing-cat.mat"]

@@ -59,8 +59,8 @@ def fetch_cmd(dataset: str, data_dir: Path | None, base_url: tuple[str, ...], ke
 
     smallNORB: the six .mat.gz files from https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/.
     Interrupted downloads resume (HTTP Range) when the command is run again. Files without a
-    published checksum (smallNORB testing-cat, the MNIST training files) get their sha256
-    recorded in checksums.json on the first successful download.
+    published checksum (smallNORB testing-cat) are trusted on first use: their sha256 is
+    recorded in checksums.json on the first successful download and checked from then on.
     """
     from ..data import download
 
@@ -69,7 +69,7 @@ def fetch_cmd(dataset: str, data_dir: Path | None, base_url: tuple[str, ...], ke
                          keep_compressed=keep_gz, retries=retries, split=split)
     for f in got:
         note = {"official": "sha256 matches the official checksum",
-                "recorded": "no official checksum; sha256 recorded in checksums.json",
+                "recorded": "no official checksum; trusted on first use, sha256 recorded in checksums.json",
                 "skipped": "already present and verified"}[f.status]
         if not quiet:
             click.echo(f"{f.name}: {f.size:,} bytes, {note}")

@@ -39,9 +39,13 @@ from . import smallnorb
 log = logging.getLogger(__name__)
 
 SMALLNORB_URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
-#: The original host first; the PyTorch-maintained S3 copy of the same files second.
-MNIST_URLS = ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
+#: https mirrors only (the original host serves plain http): the PyTorch-maintained S3 copy
+#: first, the CVDF copy second. Every file's decompressed sha256 is pinned in ``mnist``.
+MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/")
 CHECKSUMS_JSON = "checksums.json"
+#: A file with no published sha256 is trusted on its first download, whose hash is recorded.
+TOFU_MATCH = "recorded match (trusted on first use)"
 _CHUNK = 1 << 20
 
 
@@ -90,8 +94,7 @@ def smallnorb_files() -> list[RemoteFile]:
 
 
 def mnist_files() -> list[RemoteFile]:
-    """The four MNIST idx files. sha256 of the decompressed t10k files are known (checked
-    against the standard test set); the training files' are recorded on first download."""
+    """The four MNIST idx files, each with its published decompressed sha256."""
     from .mnist import MNIST_FILES, MNIST_SHA256, MNIST_SIZES
 
     return [RemoteFile(name + ".gz", name, MNIST_SIZES[name], MNIST_SHA256.get(name), _validate_idx)
@@ -430,7 +433,7 @@ class FileReport:
     format_ok: bool | None = None
     format_error: str | None = None
     sha256: str | None = None
-    checksum: str = "not checked"  # "official match", "MISMATCH", "recorded match", "no reference"
+    checksum: str = "not checked"  # "official match", "MISMATCH", TOFU_MATCH, "no reference"
 
     @property
     def ok(self) -> bool:
@@ -485,7 +488,7 @@ def verify(
             if rf.sha256 is not None:
                 rep.checksum = "official match" if rep.sha256 == rf.sha256 else "MISMATCH"
             elif rf.name in recorded:
-                rep.checksum = ("recorded match" if rep.sha256 == recorded[rf.name].get("sha256")
+                rep.checksum = (TOFU_MATCH if rep.sha256 == recorded[rf.name].get("sha256")
                                 else "MISMATCH")
             else:
                 rep.checksum = "no reference"

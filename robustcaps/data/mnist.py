@@ -46,9 +46,11 @@ MNIST_SIZES = {
     "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
     "t10k-labels-idx1-ubyte": 8 + 10000,
 }
-#: sha256 of the decompressed test files (the standard MNIST test set). The training files'
-#: hashes are recorded on first download (see robustcaps.data.download).
+#: sha256 of the four decompressed idx files, as published with several independent copies
+#: of MNIST (the t10k pair matches the test split shipped beside this project).
 MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
