@@ -239,11 +239,16 @@ def test_npz_validation(tmp_path, arrays, message):
 def test_npz_pickle_and_garbage_refused(tmp_path):
     obj = np.empty(4, dtype=object)
     name = _npz(tmp_path / "obj.npz", x=np.zeros((4, 1, 2, 2), np.float32), y=obj)
-    with pytest.raises(DataError, match="cannot read npz"):
+    with pytest.raises(DataError, match="never unpickles") as err:
         load_dataset(name)
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="junk.npz"):
+    assert "allow_pickle" not in str(err.value).split(": ", 1)[1]  # never advise unsafe loading
+    (tmp_path / "junk.npz").write_text("x,y\n0,1\n")  # a CSV renamed .npz
+    with pytest.raises(DataError, match="junk.npz: not a valid .npz file") as err:
         load_dataset(f"npz:{tmp_path / 'junk.npz'}")
+    assert "pickle" not in str(err.value).split(": ", 1)[1]
+    empty = _npz(tmp_path / "empty.npz", x=np.zeros((0, 1, 2, 2), np.float32), y=np.zeros(0, int))
+    with pytest.raises(DataError, match="'x' holds no data"):
+        load_dataset(empty)
     with pytest.raises(DataError, match="not found"):
         load_dataset(f"npz:{tmp_path / 'none.npz'}")
 

@@ -37,6 +37,9 @@ def load_npz(path: str | os.PathLike) -> NpzData:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: npz dataset file not found")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # np.load would try to unpickle anything that is not a zip
+            raise DataError(f"{path}: not a valid .npz file (not a zip archive; write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
@@ -53,12 +56,15 @@ def load_npz(path: str | os.PathLike) -> NpzData:
         raise
     except ValueError as exc:
         # np.load raises ValueError for object (pickled) arrays when allow_pickle=False.
-        raise DataError(f"{path}: cannot read npz ({exc}); store plain numeric arrays") from None
+        raise DataError(f"{path}: holds object arrays, which robustcaps never unpickles; "
+                        "store plain numeric and string arrays") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a valid .npz file ({exc})") from None
 
     if x.ndim != 4:
         raise DataError(f"{path}: 'x' must have shape (N, C, H, W), found shape {x.shape}")
+    if x.size == 0:
+        raise DataError(f"{path}: 'x' holds no data (shape {x.shape})")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"{path}: 'y' must have shape ({x.shape[0]},) to match 'x', found {y.shape}")
     if y.dtype.kind not in "iu":
