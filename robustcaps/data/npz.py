@@ -54,7 +54,7 @@ def load_npz(path: str | os.PathLike) -> NpzData:
             bounds = f["bounds"] if "bounds" in keys else None
     except DataError:
         raise
-    except ValueError as exc:
+    except ValueError:
         # np.load raises ValueError for object (pickled) arrays when allow_pickle=False.
         raise DataError(f"{path}: holds object arrays, which robustcaps never unpickles; "
                         "store plain numeric and string arrays") from None
