@@ -79,6 +79,8 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
     plt, sns = _plt()
     import matplotlib
     import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
+
+    from ..report.plots import save_figure
     models = [m["name"] for m in result.config["models"]]
     palette = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
     paths: dict[str, Path] = {}
@@ -108,7 +110,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
         ax.text(0.5, 0.5, "no non-zero gradient entry", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     paths["fig_hist"] = out / "grad_log10_hist.png"
-    fig.savefig(paths["fig_hist"], dpi=120)
+    save_figure(fig, paths["fig_hist"], dpi=120)
     plt.close(fig)
 
     # 2. per-sample norms
@@ -139,7 +141,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
     fig.suptitle("Per-sample gradient norms (zero-norm samples omitted)")
     fig.tight_layout()
     paths["fig_norms"] = out / "grad_norms.png"
-    fig.savefig(paths["fig_norms"], dpi=120)
+    save_figure(fig, paths["fig_norms"], dpi=120)
     plt.close(fig)
 
     # 3. loss along the gradient direction
@@ -169,7 +171,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
         fig.suptitle(f"Loss along x + t * direction ({pr['sample'].nunique()} samples)")
         fig.tight_layout()
         paths["fig_profile"] = out / "loss_profile.png"
-        fig.savefig(paths["fig_profile"], dpi=120)
+        save_figure(fig, paths["fig_profile"], dpi=120)
         plt.close(fig)
 
     # 4. attack curves
@@ -199,7 +201,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
         fig.suptitle("Attack success vs epsilon")
         fig.tight_layout()
         paths["fig_curves"] = out / "attack_curves.png"
-        fig.savefig(paths["fig_curves"], dpi=120)
+        save_figure(fig, paths["fig_curves"], dpi=120)
         plt.close(fig)
     return paths
 

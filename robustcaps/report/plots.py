@@ -21,15 +21,22 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 FORMATS = ("png", "svg")
+#: Without a fixed salt, SVG element ids are random per process.
+matplotlib.rcParams["svg.hashsalt"] = "robustcaps"
+
+
+def save_figure(fig, path: Path, dpi: int = 130, **kwargs) -> Path:  # noqa: ANN001
+    """Save ``fig`` so that the same figure gives the same bytes: no creation date in SVG or
+    PDF metadata (PNG carries none), fixed SVG ids."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"Date": None} if path.suffix in (".svg", ".pdf") else None
+    fig.savefig(path, dpi=dpi, metadata=metadata, **kwargs)
+    return path
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in FORMATS:
-        p = out_dir / f"{name}.{ext}"
-        fig.savefig(p, dpi=130, bbox_inches="tight")
-        paths.append(p)
+    paths = [save_figure(fig, out_dir / f"{name}.{ext}", bbox_inches="tight") for ext in FORMATS]
     plt.close(fig)
     return paths
 
