@@ -144,13 +144,14 @@ def histogram_table(votes: pd.DataFrame, edges: np.ndarray, view: str) -> pd.Dat
 
 def summary_table(votes: pd.DataFrame, zoom: float) -> pd.DataFrame:
     """Per (sample, iteration, class): the class's total assignment weight, its weighted
-    mean distance, and the weight of votes closer than ``zoom`` (Fig. 2's visible part)."""
-    v = votes.assign(wd=votes["distance"] * votes["weight"],
-                     wz=votes["weight"] * (votes["distance"] < zoom))
+    mean distance, and the weight of votes closer than ``zoom`` and than Fig. 2's 0.05."""
+    below = {f"weight_below_{z:g}": votes["weight"] * (votes["distance"] < z)
+             for z in sorted({PAPER_ZOOM, zoom})}
+    v = votes.assign(wd=votes["distance"] * votes["weight"], **below)
     keys = ["sample", "true", "predicted", "iteration", "class", "class_name"]
-    g = v.groupby(keys, sort=True)[["weight", "wd", "wz"]].sum().reset_index()
+    g = v.groupby(keys, sort=True)[["weight", "wd", *below]].sum().reset_index()
     g["mean_distance"] = g["wd"] / g["weight"]
-    return g.rename(columns={"wz": f"weight_below_{zoom:g}"}).drop(columns="wd")
+    return g.drop(columns="wd")
 
 
 def _label(name: str, c: int, true: int, pred: int) -> str:
@@ -176,9 +177,8 @@ def plot_sample(hist: pd.DataFrame, info: dict, title: str, log: bool, path: Pat
         if log:
             ax.set_yscale("log")
         shown = hist.loc[hist["iteration"] == t, "weight"].sum()
-        ax.text(0.02, 0.97, f"weight shown: {shown:.3g} of {info['total']}", va="top",
-                transform=ax.transAxes, fontsize=8)
-        ax.set_title(f"after routing iteration {t}")
+        ax.set_title(f"after routing iteration {t}\n(weight shown: {shown:.3g} of {info['total']})",
+                     fontsize=10)
         ax.set_xlabel("distance of vote to class-capsule mean")
         ax.set_xlim(hist["bin_lo"].min(), hist["bin_hi"].max())
         ax.grid(alpha=0.3)
