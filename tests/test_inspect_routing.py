@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -42,6 +43,38 @@ def test_final_iteration_matches_the_model(kw):
     torch.testing.assert_close(trace.logits[-1], cls["logits"], rtol=0, atol=2e-5)
     torch.testing.assert_close(trace.R[-1], cls["R"].reshape(n, e, -1), rtol=0, atol=2e-5)
     assert torch.equal(trace.logits[-1].argmax(-1), out["logits"].argmax(-1))
+
+
+def _procedure1(votes, a, beta_a, beta_u, lambdas):
+    """Procedure 1 for one sample's class layer, float64, every iteration kept (the
+    constants of tests/reference_em.py): [(mu (E, 16), logits (E,), R (E, J))]."""
+    e, j, _ = votes.shape
+    r, steps = torch.full((e, j), 1.0 / e, dtype=torch.float64), []
+    for lam in lambdas:
+        rw = (r * a)[..., None]
+        mass = rw.sum(1)
+        mu = (rw * votes).sum(1) / (mass + 1e-8)
+        var = (rw * (votes - mu[:, None]) ** 2).sum(1) / (mass + 1e-8) + 1e-4
+        logit = lam * (beta_a - ((beta_u[:, None] + 0.5 * var.log()) * mass / (j / e)).sum(1))
+        steps.append((mu, logit, r))
+        log_p = (-0.5 * (votes - mu[:, None]) ** 2 / var[:, None]
+                 - 0.5 * torch.log(2 * math.pi * var[:, None])).sum(-1)
+        r = (torch.nn.functional.logsigmoid(logit)[:, None] + log_p).softmax(0)
+    return steps
+
+
+def test_every_iteration_matches_an_independent_procedure_1():
+    model = _model(iterations=3)
+    trace = rr.trace_routing(model, _x(2))
+    layer = model.classcaps
+    lambdas = [layer.final_lambda * (t + 1) / 3 for t in range(3)]
+    for b in range(2):
+        steps = _procedure1(trace.votes[b].double(), trace.a_in[b].double(), layer.beta_a.double(),
+                            layer.beta_u.double(), lambdas)
+        for t, (mu, logit, r) in enumerate(steps):
+            torch.testing.assert_close(trace.means[t, b].double(), mu, rtol=0, atol=1e-5)
+            torch.testing.assert_close(trace.logits[t, b].double(), logit, rtol=0, atol=1e-5)
+            torch.testing.assert_close(trace.R[t, b].double(), r, rtol=0, atol=1e-5)
 
 
 def test_shapes_and_assignment_weights():
