@@ -101,8 +101,8 @@ def trace_routing(model: torch.nn.Module, x: torch.Tensor) -> RoutingTrace:
         votes = cls["votes"].reshape(n, e, hh * ww * d, 16)
         a_in = prev["activations"].reshape(n, hh * ww * d)
         steps = [route_prefix(votes, a_in, layer, t) for t in range(1, layer.iterations + 1)]
-    means, logits, r = (torch.stack(parts) for parts in zip(*steps, strict=True))
-    return RoutingTrace(votes, a_in, means, r, logits, (hh, ww, d))
+    means, logits, r = (torch.stack(parts).cpu() for parts in zip(*steps, strict=True))
+    return RoutingTrace(votes.cpu(), a_in.cpu(), means, r, logits, (hh, ww, d))  # tables: numpy
 
 
 def vote_table(trace: RoutingTrace, samples: list[int], labels: list[int],
