@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .errors import RobustcapsError
 
-SUBCOMMANDS = ("evaluate", "diagnose", "train", "data", "models", "bench", "report")
+SUBCOMMANDS = ("evaluate", "attacks", "diagnose", "train", "data", "models", "bench", "report")
 
 
 def run_click_main(group: click.Command, args: Any, prog_name: str | None, **extra: Any) -> None:

@@ -11,12 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from robustcaps.attacks import engine
-from robustcaps.attacks.engine import evaluate, parse_eps_range, parse_epsilons
+import robustcaps
 from robustcaps.cli import main
 from robustcaps.errors import RobustcapsError
+from robustcaps.evaluation import run as engine
+from robustcaps.evaluation.config import parse_eps_range, parse_epsilons
+from robustcaps.evaluation.records import read_records
 from robustcaps.models.adapter import ModelAdapter
-from robustcaps.report.tables import SUMMARY_COLUMNS, read_records
+from robustcaps.report.tables import SUMMARY_COLUMNS
+
+evaluate = robustcaps.evaluate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,7 +86,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
     full = _run(tmp_path / "full", x, y)
     assert (tmp_path / "full" / "COMPLETE").is_file()
 
-    real = engine._run_unit
+    real = engine.run_unit
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -91,7 +95,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_run_unit", flaky)
+    monkeypatch.setattr(engine, "run_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "cut", x, y)
     cut = tmp_path / "cut"
@@ -102,7 +106,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
         _run(cut, x, y)  # not silently overwritten
 
     seen = []
-    monkeypatch.setattr(engine, "_run_unit", lambda unit, *a, **k: seen.append(unit.key) or real(unit, *a, **k))
+    monkeypatch.setattr(engine, "run_unit", lambda unit, *a, **k: seen.append(unit.key) or real(unit, *a, **k))
     resumed = _run(cut, x, y, resume=True)
     n_units = len(list((tmp_path / "full" / "chunks").glob("*.csv.gz")))
     assert len(seen) == n_units - 5  # finished units were skipped

@@ -18,7 +18,8 @@ from torch import nn
 import robustcaps
 from robustcaps.errors import ModelLoadError, RobustcapsError
 from robustcaps.models import plugins
-from robustcaps.models.loading import load_model, parse_adapter_options, resolve_model
+from robustcaps.models.loading import load_model, parse_adapter_options
+from robustcaps.models.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "models" / "examples" / "third_party_net.py"

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 
 from ..errors import RobustcapsError
+from ..models.adapter import LOSSES
 from ._common import common_options
 from ._model_options import model_options
 
 #: default sample count: the embedded default (capsnet-small + cnn on SynthNORB) must finish
 #: in at most 3 minutes on 2 CPU cores.
 DEFAULT_N = 32
-LOSSES = ("ce", "spread", "margin", "cw")
 
 
 def parse_epsilon_list(text: str) -> list[float]:
@@ -71,8 +71,9 @@ def command(common, models, dataset, split, data_dir, n_samples, loss, epsilons,
     Writes gradient_report.md (verdict table: PASS / WARN / FAIL per check), gradients.json,
     gradients.csv and figures. Default: capsnet-small and cnn on the SynthNORB test split.
     """
-    from ..data import load_dataset
+    from ..data.coerce import as_dataset
     from ..diagnostics import run_diagnostics
+    from ..models.resolve import resolve_model
     from ..utils import seed_everything
 
     eps = parse_epsilon_list(epsilons) if epsilons is not None else None
@@ -80,14 +81,14 @@ def command(common, models, dataset, split, data_dir, n_samples, loss, epsilons,
     seed_everything(common.seed)
     common.echo(f"diagnose: {n_samples} samples of {dataset} ({split})"
                 + (" [default N]" if n_samples == DEFAULT_N else ""))
-    data = load_dataset(dataset, split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
-                        progress=not common.quiet)
+    data = as_dataset(dataset, split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
+                      progress=not common.quiet)
     defaults = {"num_classes": data.num_classes, "input_shape": data.input_shape,
                 "bounds": data.bounds}
     extra = {"device": common.device}
     if loss is not None:
         extra["loss"] = loss
-    adapters = [m.load(defaults=defaults, **extra) for m in models]
+    adapters = [resolve_model(m, defaults=defaults, **extra) for m in models]
     out = common.out or Path("results") / "diagnostics" / datetime.now().strftime("%Y%m%d-%H%M%S")
     result = run_diagnostics(
         adapters, data.x, data.y, out=out, epsilons=eps, steps=steps, attacks=not gradients_only,
