@@ -208,3 +208,32 @@ def test_cli_run_and_report(capsys, npz, tmp_path):
                              capsys)
     assert code == 0, err
     assert pd.read_csv(out / "summary.csv").equals(summary)
+
+
+def test_resume_from_python_with_the_run_directory_alone(tmp_path, npz, monkeypatch):
+    """evaluate(resume=True, out=DIR) reads every setting back from DIR's manifest."""
+    settings = dict(dataset=f"npz:{npz}", attack="bim", targeted="both", epsilons=[0, 0.1, 0.3],
+                    steps=2, n_samples=12, batch_size=4, figures=False, progress=False)
+    full = evaluate(["cnn"], out=tmp_path / "full", **settings)
+    real = engine.run_unit
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(["cnn"], out=tmp_path / "cut", **settings)
+    monkeypatch.setattr(engine, "run_unit", real)
+    resumed = evaluate(resume=True, out=tmp_path / "cut", progress=False)
+    pd.testing.assert_frame_equal(resumed.records, full.records)
+    assert len(resumed.records) == 3 * 12 * K and (tmp_path / "cut" / "COMPLETE").is_file()
+    inv = json.loads((tmp_path / "cut" / "manifest.json").read_text())["invocation"]
+    assert inv["models"] == ["cnn"] and inv["targeted"] == "both" and inv["steps"] == 2
+    with pytest.raises(RobustcapsError, match="different settings"):
+        evaluate(resume=True, out=tmp_path / "cut", steps=3, progress=False)
+    with pytest.raises(RobustcapsError, match="holds no manifest"):
+        evaluate(resume=True, out=tmp_path / "nothing", progress=False)
