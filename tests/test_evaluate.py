@@ -81,21 +81,27 @@ def _run(out, x, y, **kw):
                     source=net(2, "src"), transfer_targets=[net(3, "tgt")], figures=False, n_samples=14, **kw)
 
 
-def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
-    x, y = data
-    full = _run(tmp_path / "full", x, y)
-    assert (tmp_path / "full" / "COMPLETE").is_file()
-
+def _interrupt_at(n: int, monkeypatch):
+    """Make the n-th unit of the next run raise KeyboardInterrupt; returns the real runner."""
     real = engine.run_unit
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "run_unit", flaky)
+    return real
+
+
+def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
+    x, y = data
+    full = _run(tmp_path / "full", x, y)
+    assert (tmp_path / "full" / "COMPLETE").is_file()
+
+    real = _interrupt_at(6, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "cut", x, y)
     cut = tmp_path / "cut"
@@ -215,16 +221,7 @@ def test_resume_from_python_with_the_run_directory_alone(tmp_path, npz, monkeypa
     settings = dict(dataset=f"npz:{npz}", attack="bim", targeted="both", epsilons=[0, 0.1, 0.3],
                     steps=2, n_samples=12, batch_size=4, figures=False, progress=False)
     full = evaluate(["cnn"], out=tmp_path / "full", **settings)
-    real = engine.run_unit
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "run_unit", flaky)
+    real = _interrupt_at(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         evaluate(["cnn"], out=tmp_path / "cut", **settings)
     monkeypatch.setattr(engine, "run_unit", real)
