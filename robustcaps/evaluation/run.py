@@ -30,11 +30,11 @@ from ..data.datasets import Dataset
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
 from ..models.resolve import model_spec, resolve_model, state_sha256
-from ..utils import resolve_device, seed_everything
+from ..utils import atomic_write, resolve_device, seed_everything
 from .config import DEFAULT_TRANSFER_SOURCE, DEFAULT_TRANSFER_TARGETS, EvaluationConfig
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
 from .records import concat_records, eps_units, records_from
-from .store import RunStore, atomic_write, now
+from .store import RunStore, now
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The run directory: settings check for resume, per-unit chunks, the done log, manifest,
-records and the COMPLETE marker. Every file is written atomically (:func:`atomic_write`),
+records and the COMPLETE marker. Every file is written atomically (:func:`robustcaps.utils.atomic_write`),
 so an interrupted run loses at most the unit in flight.
 
 Layout::
@@ -16,8 +16,6 @@ Layout::
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,21 +23,10 @@ from typing import Any
 import pandas as pd
 
 from ..errors import RobustcapsError
+from ..utils import atomic_write
 from .records import read_chunk
 
 COMPLETE_MARKER = "COMPLETE"
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = ".part") -> Path:
-    """``write(tmp)`` then rename ``tmp`` onto ``path``: readers never see half a file.
-
-    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end).
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + suffix)
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def write_json(path: Path, obj: Any) -> Path:
