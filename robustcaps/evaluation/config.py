@@ -37,7 +37,7 @@ from ..attacks import list_attacks, list_backends
 from ..attacks.native import BIM_DEFAULT_STEPS, check_epsilons
 from ..errors import RobustcapsError
 from ..models.adapter import LOSSES
-from ..models.resolve import model_spec
+from ..models.resolve import ModelRequest, model_spec
 
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.05 * i, 10) for i in range(11))
 #: samples per run when n_samples is not given, sized so that the default run (zoo
@@ -71,6 +71,8 @@ class Targeting(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: bool | str) -> Targeting:
+        if isinstance(value, cls):
+            return value
         if isinstance(value, bool):
             return cls.TARGETED if value else cls.UNTARGETED
         try:
@@ -181,8 +183,6 @@ def _text(value: Any) -> str:
 
 
 def _models(value: Any) -> tuple[Any, ...]:
-    from ..models.resolve import ModelRequest
-
     items = tuple(value)
     if not items:
         raise RobustcapsError("models: give at least one model")
@@ -213,9 +213,9 @@ class DataSelection:
 
     dataset: Any = setting("synthnorb", "Evaluation data: synthnorb, smallnorb, mnist, npz:PATH, "
                            "a Dataset or an (x, y) pair.", toml=str, expected="a dataset name",
-                           cli={"metavar": "synthnorb|smallnorb|mnist|npz:PATH"})
+                           cli={"metavar": "synthnorb|smallnorb|mnist|npz:PATH", "show_default": True})
     split: str = setting("test", "Dataset split.", parse=_text, toml=str, expected="a split name",
-                         cli={})
+                         cli={"show_default": True})
     data_dir: str | None = setting(None, "Folder holding the dataset files.", parse=_text,
                                    toml=str, expected="a folder path", cli={"path": True})
     n_samples: int | None = setting(
@@ -248,7 +248,7 @@ class ThreatSettings:
     early_stop: bool = setting(
         True, "Iterative attacks: keep each sample's first success and stop computing for it "
         "(--no-early-stop runs every step, like torchattacks/foolbox).", parse=_flag,
-        toml=bool, expected="true or false", cli={"flag": True})
+        toml=bool, expected="true or false", cli={"flag": True, "show_default": True})
     loss: str | None = setting(
         None, "Loss the attacks differentiate. Default ce: cross-entropy on the scores "
         "(for capsule nets the logits of the class activations; spread saturates).",
