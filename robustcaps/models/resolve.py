@@ -80,17 +80,18 @@ def resolve_model(model: Any, *, defaults: Mapping[str, Any] | None = None,
     nor the model sets them (typically the dataset's); ``options`` are adapter options
     (``device``, ``loss``, ...; see :func:`~robustcaps.models.loading.load_model`). A ready
     adapter takes only ``loss`` (a shallow copy with that attack loss) and ``device`` (a
-    copy moved there; ``"auto"`` leaves it where it is).
+    copy moved there; ``"auto"`` leaves it where it is). Options given as None are ignored,
+    so that they never override a request's own.
     """
+    options = {k: v for k, v in options.items() if v is not None}
     if isinstance(model, ModelAdapter):
         return _reuse_adapter(model, options)
     if isinstance(model, nn.Module):
         meta = dict(getattr(model, "robustcaps_meta", {}) or {})
-        opts = {k: v for k, v in options.items() if v is not None}
         for key, value in (defaults or {}).items():
-            if value is not None and key not in opts and meta.get(key) is None:
-                opts[key] = value
-        return ModelAdapter(model, **opts)
+            if value is not None and key not in options and meta.get(key) is None:
+                options[key] = value
+        return ModelAdapter(model, **options)
     if isinstance(model, (str, Path)):
         return load_model(model, defaults=defaults, **options)
     if isinstance(model, Mapping):
@@ -102,7 +103,7 @@ def resolve_model(model: Any, *, defaults: Mapping[str, Any] | None = None,
 
 
 def _reuse_adapter(adapter: ModelAdapter, options: Mapping[str, Any]) -> ModelAdapter:
-    extra = {k: v for k, v in options.items() if v is not None and k not in ("device", "loss")}
+    extra = {k: v for k, v in options.items() if k not in ("device", "loss")}
     if extra:
         raise RobustcapsError(
             f"options {', '.join(sorted(extra))} cannot be applied to a ready ModelAdapter "
