@@ -106,8 +106,7 @@ def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | 
                             n_examples=n_examples, figures=figures, progress=progress)
     given = {"models": _as_list(models), "dataset": dataset, "attack": attack, **settings}
     if resume and out is not None:
-        config = EvaluationConfig.from_run_dir(out, **given)
-        config = EvaluationConfig(config.data, config.threat, config.transfer, config.run, output)
+        config = EvaluationConfig.from_run_dir(out, output=output, **given)
     else:
         config = EvaluationConfig.from_kwargs(**given, output=output)
     return _evaluate(config, echo=echo)

@@ -357,11 +357,13 @@ class EvaluationConfig:
         return cls(**parts, output=output or OutputSettings())
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, **overrides: Any) -> EvaluationConfig:
+    def from_run_dir(cls, run_dir: str | Path, *, output: OutputSettings | None = None,
+                     **overrides: Any) -> EvaluationConfig:
         """The settings a run directory was started with (its manifest's ``invocation``),
-        with ``overrides`` on top; the output goes to the same directory, resumed."""
-        return cls.from_kwargs(**{**read_invocation(run_dir), **_given(overrides)},
-                               output=OutputSettings(out=Path(run_dir), resume=True))
+        with ``overrides`` on top, to resume it: ``output`` (default settings) is pointed at
+        that directory."""
+        output = dataclasses.replace(output or OutputSettings(), out=Path(run_dir), resume=True)
+        return cls.from_kwargs(**{**read_invocation(run_dir), **_given(overrides)}, output=output)
 
     def settings(self) -> dict[str, Any]:
         """Flat ``{key: value}`` of every setting (Python objects kept)."""
