@@ -141,9 +141,7 @@ def diagnose(models: Any = ("capsnet-small", "cnn"), dataset: Any = "synthnorb",
     seed_everything(seed)
     data = as_dataset(dataset, split, n_samples=n_samples, seed=seed, data_dir=data_dir,
                       progress=progress)
-    defaults = {"num_classes": data.num_classes, "input_shape": data.input_shape,
-                "bounds": data.bounds}
-    adapters = [resolve_model(m, defaults=defaults, device=device, loss=loss)
+    adapters = [resolve_model(m, defaults=data.model_defaults(), device=device, loss=loss)
                 for m in _as_list(models) or []]
     kwargs.setdefault("dataset", f"{data.name} {data.split} split, fingerprint {data.fingerprint}")
     return run_diagnostics(adapters, data.x, data.y, out=out, seed=seed, progress=progress, **kwargs)

@@ -169,8 +169,7 @@ def load_models(config: EvaluationConfig, data: Dataset, log: RunLog) -> Models:
     options: dict[str, Any] = {"device": config.run.device}
     if config.threat.loss is not None:  # else each model keeps its own (a request's option)
         options["loss"] = config.threat.loss
-    defaults = {"num_classes": data.num_classes, "input_shape": data.input_shape,
-                "bounds": data.bounds}
+    defaults = data.model_defaults()
     loaded: dict[str, ModelAdapter] = {}
 
     def get(m: Any) -> ModelAdapter:
