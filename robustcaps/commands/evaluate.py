@@ -17,10 +17,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ..evaluation.config import DEFAULT_MODELS, iter_settings, threats
 from ._common import common_options
 from ._model_options import model_options
-
-_DEFAULT_MODELS = ("capsnet-small", "cnn")
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
@@ -30,8 +29,6 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 
 def _setting_options() -> list[tuple[str, dataclasses.Field, Any]]:
     """(dest, setting, click option) for every setting whose option is generated."""
-    from ..evaluation.config import iter_settings
-
     options = []
     for _, f in iter_settings():
         cli = f.metadata["cli"]
@@ -75,14 +72,8 @@ def _settings_options(f):
     return f
 
 
-def _attack_choices() -> list[str]:
-    from ..evaluation.config import threats
-
-    return [*threats(), "all"]
-
-
 @click.command("evaluate")
-@click.option("--attack", type=click.Choice(_attack_choices()), default=None,
+@click.option("--attack", type=click.Choice([*threats(), "all"]), default=None,
               help="Attack to run (required unless --suite or --resume gives it); "
               "'robustcaps attacks' lists them.")
 @click.option("--targeted", "mode", flag_value="targeted",
@@ -90,7 +81,7 @@ def _attack_choices() -> list[str]:
 @click.option("--untargeted", "mode", flag_value="untargeted", default=True,
               help="Untargeted (default).")
 @click.option("--both", "mode", flag_value="both", help="Untargeted and targeted.")
-@model_options(default=_DEFAULT_MODELS)
+@model_options(default=DEFAULT_MODELS)
 @click.option("--epsilons", default=None, metavar="LIST",
               help="Comma-separated L-inf epsilons in input units, e.g. 0,0.05,0.1.")
 @click.option("--eps-range", default=None, metavar="START:STOP:STEP",
