@@ -22,7 +22,7 @@ from robustcaps.attacks import (
 from robustcaps.cli import cli
 from robustcaps.errors import RobustcapsError
 from robustcaps.evaluation.config import EvaluationConfig, Targeting, threats
-from robustcaps.evaluation.suite import SUITE_KEYS
+from robustcaps.evaluation.suite import SUITE_KEYS, load_suite
 from robustcaps.models.adapter import ModelAdapter
 
 
@@ -101,6 +101,12 @@ def test_config_is_frozen_validated_and_round_trips():
             EvaluationConfig.from_kwargs(**bad)
 
 
-def test_suite_keys_come_from_the_settings():
+def test_suite_keys_come_from_the_settings(tmp_path):
     assert {"mode", "targets", "eps_range", "steps", "backend"} <= set(SUITE_KEYS)
     assert "targeted" not in SUITE_KEYS and "transfer_targets" not in SUITE_KEYS
+    for text, needle in [('dataset = ""\n', "'dataset' must be a dataset name"),
+                         ('source = ""\n', "'source' must be a model spec"),
+                         ('backend = ["native", "x"]\n', "native, torchattacks, foolbox, all")]:
+        (tmp_path / "s.toml").write_text(text)
+        with pytest.raises(RobustcapsError, match=needle):
+            load_suite(tmp_path / "s.toml")

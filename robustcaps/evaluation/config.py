@@ -182,6 +182,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _named(value: Any) -> Any:
+    """A non-empty name or spec; Python objects (datasets, models) pass as they are."""
+    if isinstance(value, str) and not value.strip():
+        raise RobustcapsError("expected a non-empty name, got ''")
+    return value
+
+
 def _models(value: Any) -> tuple[Any, ...]:
     items = tuple(value)
     if not items:
@@ -212,7 +219,7 @@ class DataSelection:
     """Which samples are attacked."""
 
     dataset: Any = setting("synthnorb", "Evaluation data: synthnorb, smallnorb, mnist, npz:PATH, "
-                           "a Dataset or an (x, y) pair.", toml=str, expected="a dataset name",
+                           "a Dataset or an (x, y) pair.", parse=_named, toml=str, expected="a dataset name",
                            cli={"metavar": "synthnorb|smallnorb|mnist|npz:PATH", "show_default": True})
     split: str = setting("test", "Dataset split.", parse=_text, toml=str, expected="a split name",
                          cli={"show_default": True})
@@ -266,7 +273,7 @@ class ThreatSettings:
 class TransferSettings:
     """Transfer: craft on a source model, evaluate every target on the same inputs."""
 
-    source: Any = setting(None, "Transfer: source model (default cnn).", toml=str,
+    source: Any = setting(None, "Transfer: source model (default cnn).", parse=_named, toml=str,
                           expected="a model spec", cli={"metavar": "SPEC"})
     transfer_targets: tuple[Any, ...] | None = setting(
         None, "Transfer: target model; repeat. Default capsnet-small and cnn-b (zoo).",
