@@ -34,8 +34,8 @@ from .models.adapter import ModelAdapter  # noqa: E402
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from .attacks.engine import EvaluationResult
     from .diagnostics import DiagnosticsResult
+    from .evaluation.run import EvaluationResult
 
 __all__ = [
     "DataError",
@@ -75,27 +75,41 @@ def adapt(module: nn.Module | ModelAdapter, **options: Any) -> ModelAdapter:
     return _adapt(module, **options)
 
 
-def evaluate(models: Any = None, dataset: Any = "synthnorb", attack: str | list[str] = "bim", *,
-             out: str | Path | None = None, **kwargs: Any) -> EvaluationResult:
+def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | None = None, *,
+             out: str | Path | None = None, resume: bool = False, n_examples: int = 3,
+             figures: bool = True, progress: bool = True, echo: Any = None,
+             **settings: Any) -> EvaluationResult:
     """Run attack sweeps from Python (e.g. a notebook); nothing is written without ``out``.
 
     Args:
         models: one model or a list: specs, ``nn.Module``\\ s, ``ModelAdapter``\\ s or suite
             tables (``{"spec": ..., "output_key": ...}``); default ``capsnet-small`` and ``cnn``.
-        dataset: ``synthnorb``, ``smallnorb``, ``mnist``, ``npz:PATH``, a Dataset or ``(x, y)``.
-        attack: ``fgsm``, ``bim``, ``transfer``, ``all`` or a list.
+        dataset: ``synthnorb`` (default), ``smallnorb``, ``mnist``, ``npz:PATH``, a Dataset
+            or ``(x, y)``.
+        attack: a registered attack (``robustcaps.attacks.list_attacks()``: ``fgsm``,
+            ``bim``, ...), ``transfer``, ``all`` or a list; default ``bim``.
         out: run directory for CSV/JSON/figures/manifest (resumable), or None.
-        **kwargs: see :func:`robustcaps.attacks.engine.evaluate` (``epsilons``, ``targeted``,
-            ``n_samples``, ``steps``, ``backend``, ``device``, ``seed``, ``progress``, ...).
+        resume: continue the run in ``out``; settings not given are read from it, so
+            ``evaluate(resume=True, out=DIR)`` alone continues an interrupted run.
+        **settings: the settings of :mod:`robustcaps.evaluation.config` (``epsilons``,
+            ``targeted``, ``n_samples``, ``steps``, ``backend``, ``device``, ``seed``, ...).
 
     Returns:
         An ``EvaluationResult``: ``.records`` and ``.summary`` (pandas DataFrames, plus
         ``.per_target`` and ``.disagreement``) and ``.paths`` (files written; empty
         without ``out``).
     """
-    from .attacks.engine import evaluate as _evaluate
+    from .evaluation.config import EvaluationConfig, OutputSettings
+    from .evaluation.run import evaluate as _evaluate
 
-    return _evaluate(_as_list(models), dataset, attack, out=out, **kwargs)
+    output = OutputSettings(out=None if out is None else Path(out), resume=resume,
+                            n_examples=n_examples, figures=figures, progress=progress)
+    given = {"models": _as_list(models), "dataset": dataset, "attack": attack, **settings}
+    if resume and out is not None:
+        config = EvaluationConfig.from_run_dir(out, output=output, **given)
+    else:
+        config = EvaluationConfig.from_kwargs(**given, output=output)
+    return _evaluate(config, echo=echo)
 
 
 def diagnose(models: Any = ("capsnet-small", "cnn"), dataset: Any = "synthnorb", *,
@@ -108,8 +122,9 @@ def diagnose(models: Any = ("capsnet-small", "cnn"), dataset: Any = "synthnorb",
         models: one model or a list (specs, ``nn.Module``\\ s, ``ModelAdapter``\\ s, suite tables).
         dataset: a dataset name or ``npz:PATH`` (loaded with ``split``, ``data_dir``,
             ``n_samples``, ``seed``), a Dataset object, or an ``(x, y)`` tensor pair
-            (x: (N, C, H, W), y: (N,)).
-        loss: attack loss for every model loaded here (default: each adapter's).
+            (x: (N, C, H, W), y: (N,)); Dataset objects and pairs are cut to their first
+            ``n_samples`` rows.
+        loss: attack loss for every model (default: each adapter's).
         out: folder for the report, JSON/CSV and figures, or None (nothing written).
         **kwargs: see :func:`robustcaps.diagnostics.run_diagnostics` (``epsilons``,
             ``steps``, ``attacks``, ``float64``, ``finite_differences``, ``figures``, ...).
@@ -118,41 +133,18 @@ def diagnose(models: Any = ("capsnet-small", "cnn"), dataset: Any = "synthnorb",
         A ``DiagnosticsResult``: ``.stats`` (one row per model) and ``.verdicts`` (pandas
         DataFrames, plus ``.curves``, ``.magnitudes``, ...) and ``.paths`` (files written).
     """
-    import torch
-
+    from .data.coerce import as_dataset
     from .diagnostics import run_diagnostics
-    from .models.loading import resolve_model
+    from .models.resolve import resolve_model
     from .utils import seed_everything
 
     seed_everything(seed)
-    description = None
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
-        x, y = dataset
-        x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
-        defaults = {"num_classes": int(y.max()) + 1 if y.numel() else None,
-                    "input_shape": tuple(x.shape[1:])}
-    else:
-        if isinstance(dataset, (str, Path)):
-            from .data import load_dataset
-
-            dataset = load_dataset(str(dataset), split, data_dir=data_dir, n_samples=n_samples,
-                                   seed=seed, progress=progress)
-        x, y = dataset.x, dataset.y
-        defaults = {"num_classes": dataset.num_classes, "input_shape": dataset.input_shape,
-                    "bounds": dataset.bounds}
-        description = (f"{dataset.name} {getattr(dataset, 'split', '')} split, "
-                       f"fingerprint {getattr(dataset, 'fingerprint', '?')}")
-    options: dict[str, Any] = {"device": device}
-    if loss is not None:
-        options["loss"] = loss
-    adapters = []
-    for m in _as_list(models) or []:
-        if isinstance(m, ModelAdapter) and loss is not None and loss != m.loss_name:
-            raise RobustcapsError(f"loss={loss!r} cannot be applied to the ready adapter {m.name!r}")
-        adapters.append(resolve_model(m, defaults=defaults,
-                                      **(options if not isinstance(m, ModelAdapter) else {"device": device})))
-    kwargs.setdefault("dataset", description)
-    return run_diagnostics(adapters, x, y, out=out, seed=seed, progress=progress, **kwargs)
+    data = as_dataset(dataset, split, n_samples=n_samples, seed=seed, data_dir=data_dir,
+                      progress=progress)
+    adapters = [resolve_model(m, defaults=data.model_defaults(), device=device, loss=loss)
+                for m in _as_list(models) or []]
+    kwargs.setdefault("dataset", f"{data.name} {data.split} split, fingerprint {data.fingerprint}")
+    return run_diagnostics(adapters, data.x, data.y, out=out, seed=seed, progress=progress, **kwargs)
 
 
 def _as_list(models: Any) -> list[Any] | None:

@@ -16,7 +16,8 @@ import click
 from . import __version__
 from .errors import RobustcapsError
 
-SUBCOMMANDS = ("evaluate", "diagnose", "train", "data", "models", "bench", "report", "inspect")
+SUBCOMMANDS = ("evaluate", "attacks", "diagnose", "train", "data", "models", "bench", "report",
+               "inspect")
 
 
 def run_click_main(group: click.Command, args: Any, prog_name: str | None, **extra: Any) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,3 +72,15 @@ def repo_root() -> Path | None:
     """The source checkout's root when running from one (holds pyproject.toml), else None."""
     root = Path(__file__).resolve().parent.parent
     return root if (root / "pyproject.toml").is_file() else None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], suffix: str = ".part") -> Path:
+    """``write(tmp)`` then rename ``tmp`` onto ``path``: readers never see half a file.
+
+    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    write(tmp)
+    os.replace(tmp, path)
+    return path

@@ -11,12 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from robustcaps.attacks import engine
-from robustcaps.attacks.engine import evaluate, parse_eps_range, parse_epsilons
+import robustcaps
 from robustcaps.cli import main
 from robustcaps.errors import RobustcapsError
+from robustcaps.evaluation import run as engine
+from robustcaps.evaluation.config import parse_eps_range, parse_epsilons
+from robustcaps.evaluation.records import read_records
 from robustcaps.models.adapter import ModelAdapter
-from robustcaps.report.tables import SUMMARY_COLUMNS, read_records
+from robustcaps.report.tables import SUMMARY_COLUMNS
+
+evaluate = robustcaps.evaluate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,21 +81,27 @@ def _run(out, x, y, **kw):
                     source=net(2, "src"), transfer_targets=[net(3, "tgt")], figures=False, n_samples=14, **kw)
 
 
+def _interrupt_at(n: int, monkeypatch):
+    """Make the n-th unit of the next run raise KeyboardInterrupt; returns the real runner."""
+    real = engine.run_unit
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_unit", flaky)
+    return real
+
+
 def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
     x, y = data
     full = _run(tmp_path / "full", x, y)
     assert (tmp_path / "full" / "COMPLETE").is_file()
 
-    real = engine._run_unit
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_run_unit", flaky)
+    real = _interrupt_at(6, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "cut", x, y)
     cut = tmp_path / "cut"
@@ -102,7 +112,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
         _run(cut, x, y)  # not silently overwritten
 
     seen = []
-    monkeypatch.setattr(engine, "_run_unit", lambda unit, *a, **k: seen.append(unit.key) or real(unit, *a, **k))
+    monkeypatch.setattr(engine, "run_unit", lambda unit, *a, **k: seen.append(unit.key) or real(unit, *a, **k))
     resumed = _run(cut, x, y, resume=True)
     n_units = len(list((tmp_path / "full" / "chunks").glob("*.csv.gz")))
     assert len(seen) == n_units - 5  # finished units were skipped
@@ -204,3 +214,23 @@ def test_cli_run_and_report(capsys, npz, tmp_path):
                              capsys)
     assert code == 0, err
     assert pd.read_csv(out / "summary.csv").equals(summary)
+
+
+def test_resume_from_python_with_the_run_directory_alone(tmp_path, npz, monkeypatch):
+    """evaluate(resume=True, out=DIR) reads every setting back from DIR's manifest."""
+    settings = dict(dataset=f"npz:{npz}", attack="bim", targeted="both", epsilons=[0, 0.1, 0.3],
+                    steps=2, n_samples=12, batch_size=4, figures=False, progress=False)
+    full = evaluate(["cnn"], out=tmp_path / "full", **settings)
+    real = _interrupt_at(3, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(["cnn"], out=tmp_path / "cut", **settings)
+    monkeypatch.setattr(engine, "run_unit", real)
+    resumed = evaluate(resume=True, out=tmp_path / "cut", progress=False)
+    pd.testing.assert_frame_equal(resumed.records, full.records)
+    assert len(resumed.records) == 3 * 12 * K and (tmp_path / "cut" / "COMPLETE").is_file()
+    inv = json.loads((tmp_path / "cut" / "manifest.json").read_text())["invocation"]
+    assert inv["models"] == ["cnn"] and inv["targeted"] == "both" and inv["steps"] == 2
+    with pytest.raises(RobustcapsError, match="different settings"):
+        evaluate(resume=True, out=tmp_path / "cut", steps=3, progress=False)
+    with pytest.raises(RobustcapsError, match="holds no manifest"):
+        evaluate(resume=True, out=tmp_path / "nothing", progress=False)

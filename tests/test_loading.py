@@ -18,7 +18,8 @@ from torch import nn
 import robustcaps
 from robustcaps.errors import ModelLoadError, RobustcapsError
 from robustcaps.models import plugins
-from robustcaps.models.loading import load_model, parse_adapter_options, resolve_model
+from robustcaps.models.loading import load_model, parse_adapter_options
+from robustcaps.models.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "models" / "examples" / "third_party_net.py"
@@ -481,3 +482,18 @@ def test_zoo_name_and_zoo_name_with_user_weights(tmp_path, monkeypatch):
     assert b.bounds == (0.0, 1.0)
     torch.testing.assert_close(b.scores(x), user_module(x))
     assert not torch.allclose(a.scores(x), b.scores(x))
+
+
+def test_resolve_model_keeps_a_tables_own_loss_when_none_is_given():
+    from torch import nn as _nn
+
+    from robustcaps.models.adapter import ModelAdapter as _Adapter
+
+    a = resolve_model({"spec": "cnn", "loss": "cw", "input_shape": "1,8,8", "num_classes": 3},
+                      device="cpu", loss=None)
+    assert a.loss_name == "cw"
+    b = resolve_model({"spec": "cnn", "input_shape": "1,8,8", "num_classes": 3}, loss="margin")
+    assert b.loss_name == "margin"
+    ready = _Adapter(_nn.Linear(4, 2), input_shape=(4,), num_classes=2, device="cpu")
+    assert resolve_model(ready, loss="cw").loss_name == "cw" and ready.loss_name == "ce"
+    assert resolve_model(ready, device="auto", loss=None) is ready

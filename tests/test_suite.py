@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustcaps.attacks.suite import SUITE_KEYS, find_suite, load_suite, suite_to_kwargs
 from robustcaps.cli import main
 from robustcaps.errors import RobustcapsError
+from robustcaps.evaluation.suite import SUITE_KEYS, find_suite, load_suite, suite_to_kwargs
 from robustcaps.utils import repo_root
 
 SHIPPED = ["fgsm", "bim", "transfer", "paper-fig3"]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from robustcaps.cli import cli
 from robustcaps.errors import RobustcapsError
-from robustcaps.train import TrainConfig, Trainer, TrainingDiverged, train
+from robustcaps.training import TrainConfig, Trainer, TrainingDiverged, train
 from robustcaps.utils import sha256_file
 
 TINY_CNN = {"channels": [4, 8], "hidden": 16}

@@ -26,7 +26,7 @@ from robustcaps.models.zoo import (
     write_card,
     zoo_dirs,
 )
-from robustcaps.train import train
+from robustcaps.training import train
 from robustcaps.utils import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,8 +50,7 @@ from .native import (
     check_targets,
     project,
 )
-
-BACKENDS = ("native", "torchattacks", "foolbox")
+from .registry import register_attack
 
 
 class AdapterModule(nn.Module):
@@ -213,6 +212,7 @@ class _TorchattacksAttack(_LibraryAttack):
         raise NotImplementedError
 
 
+@register_attack("fgsm", backend="torchattacks")
 class TorchattacksFGSM(_TorchattacksAttack):
     """``torchattacks.FGSM`` called once per epsilon."""
 
@@ -222,6 +222,7 @@ class TorchattacksFGSM(_TorchattacksAttack):
         return _ta_classes()[0](module, eps=eps_u, loss_fn=loss_fn)
 
 
+@register_attack("bim", backend="torchattacks")
 class TorchattacksBIM(_TorchattacksAttack):
     """``torchattacks.BIM`` (all steps, no early stop) called once per epsilon."""
 
@@ -294,6 +295,7 @@ class _FoolboxAttack(_LibraryAttack):
         raise NotImplementedError
 
 
+@register_attack("fgsm", backend="foolbox")
 class FoolboxFGSM(_FoolboxAttack):
     """``foolbox.attacks.LinfFastGradientAttack`` called once per epsilon."""
 
@@ -311,6 +313,7 @@ class FoolboxFGSM(_FoolboxAttack):
         return cls()
 
 
+@register_attack("bim", backend="foolbox")
 class FoolboxBIM(_FoolboxAttack):
     """``foolbox.attacks.LinfBasicIterativeAttack`` (no random start) once per epsilon."""
 

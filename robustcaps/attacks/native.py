@@ -39,6 +39,7 @@ import torch
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
 from .base import Attack, AttackResult
+from .registry import register_attack
 
 #: total BIM travel ``steps * alpha`` as a multiple of eps when no step size is given
 BIM_TRAVEL = 1.25
@@ -206,6 +207,8 @@ def _concat(parts: list[AttackResult]) -> AttackResult:
     )
 
 
+@register_attack("fgsm", description="Fast Gradient Sign Method (Goodfellow et al. 2014): "
+                 "one signed-gradient step of size eps")
 class FGSM(_NativeAttack):
     """Fast Gradient Sign Method sweep: one gradient per sample reused for every epsilon.
 
@@ -244,6 +247,8 @@ class FGSM(_NativeAttack):
                        adv_pred, xs, return_adv, info, labels)
 
 
+@register_attack("bim", description="Basic Iterative Method (Kurakin et al. 2016): "
+                 "iterated FGSM steps projected into the eps-ball")
 class BIM(_NativeAttack):
     """Basic Iterative Method sweep (iterative FGSM, no random start).
 

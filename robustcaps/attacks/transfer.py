@@ -17,9 +17,9 @@ import torch
 
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
-from . import get_attack
 from .base import AttackResult
 from .native import check_epsilons, perturbation_norms
+from .registry import get_attack
 
 
 def _check_compatible(source: ModelAdapter, target: ModelAdapter) -> None:

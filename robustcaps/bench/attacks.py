@@ -12,16 +12,13 @@ numbers say little, since most samples are misclassified before any attack.
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 import warnings
 from typing import Any
 
-import click
 import numpy as np
 import torch
-
-from ..commands._common import common_options
 
 EPSILONS = [round(0.05 * i, 10) for i in range(11)]
 
@@ -72,7 +69,7 @@ def run_bench(models: list[str], n_samples: int, dataset: str, device: str, seed
                 row[f"{attack}_{backend}_mean_adv_acc"] = float(np.mean(res.accuracy))
                 row[f"{attack}_{backend}_adv_acc"] = [round(float(v), 4) for v in res.accuracy]
                 if progress:
-                    click.echo(f"  {spec:14s} {attack:4s} {backend:12s} {sec:8.2f} s", err=True)
+                    print(f"  {spec:14s} {attack:4s} {backend:12s} {sec:8.2f} s", file=sys.stderr)
             if attack == "bim":
                 atk = get_attack("bim", steps=steps, early_stop=False)
                 sec, res = _time(lambda a=atk, m=adapter, xx=x, yy=y: a.run(m, xx, yy, EPSILONS), repeats)
@@ -91,37 +88,3 @@ def run_bench(models: list[str], n_samples: int, dataset: str, device: str, seed
                                  and row["bim_native_acc_minus_torchattacks_max"] <= 1e-12)
         out["models"][spec] = row
     return out
-
-
-@click.command("attacks")
-@click.option("--model", "models", multiple=True, default=("capsnet-small", "cnn"),
-              show_default=True, help="Models to time (repeat).")
-@click.option("--n-samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Samples (the libraries run BIM per epsilon: 110 passes per sample).")
-@click.option("--dataset", default="synthnorb", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Best of N timings.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-@common_options
-def command(common, models, n_samples, dataset, steps, repeats, as_json) -> None:
-    """Native vs torchattacks vs foolbox: 11-epsilon FGSM and 10-step BIM sweeps."""
-    res = run_bench(list(models), n_samples, dataset, common.device, common.seed, steps,
-                    repeats, progress=not (as_json or common.quiet))
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(f"{res['n_samples']} samples of {dataset}, {len(EPSILONS)} epsilons "
-               f"(L-inf, input units), BIM {steps} steps, device {res['device']}")
-    for name, r in res["models"].items():
-        flag = "" if r["trained"] else "  [UNTRAINED: numbers say little]"
-        click.echo(f"{name} (clean accuracy {100 * r['clean_accuracy']:.1f}%){flag}")
-        for attack in ("fgsm", "bim"):
-            parts = [f"{b} {r[f'{attack}_{b}_s']:.2f}s (adv acc {100 * r[f'{attack}_{b}_mean_adv_acc']:.1f}%)"
-                     for b in ("native", "torchattacks", "foolbox")]
-            click.echo(f"  {attack.upper():4s} " + " | ".join(parts))
-        click.echo(f"  FGSM speed-up vs foolbox {r['fgsm_speedup_vs_foolbox']:.1f}x (target 3x), "
-                   f"vs torchattacks {r['fgsm_speedup_vs_torchattacks']:.1f}x")
-        click.echo(f"  BIM  speed-up vs torchattacks {r['bim_speedup_vs_torchattacks']:.1f}x (target 2x), "
-                   f"vs foolbox {r['bim_speedup_vs_foolbox']:.1f}x; without early stop "
-                   f"{r['bim_no_early_stop_speedup_vs_torchattacks']:.1f}x")

@@ -8,7 +8,6 @@ By default this times the real thing: both splits (48,600 stereo pairs = 97,200 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -16,10 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
-
-from ..commands._common import Common, common_options
 
 BUDGET_S = 120.0
 
@@ -89,30 +85,3 @@ def bench_data(fraction: float = 1.0, seed: int = 0, workers: int | None = None,
         "python": platform.python_version(),
         "numpy": np.__version__,
     }
-
-
-@click.command("data")
-@click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="Share of the 50 objects to render; < 1 extrapolates and writes nothing.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Rendering processes (default: the CPUs available).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@common_options(out_help="Keep the generated files in this folder (default: a temporary "
-                "folder, deleted afterwards).")
-def command(common: Common, fraction: float, workers: int | None, as_json: bool) -> None:
-    """SynthNORB generation time: both splits, 97,200 images (budget: 120 s on 2 cores).
-
-    Rendering runs on the CPU (NumPy) whatever --device says.
-    """
-    res = bench_data(fraction=fraction, seed=common.seed, workers=workers, out=common.out,
-                     progress=not common.quiet and not as_json)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    how = "extrapolated from " + f"{res['measured_images']:,} images" if res["extrapolated"] else \
-        "measured, files written"
-    verdict = "within" if res["within_budget"] else "OVER"
-    click.echo(f"SynthNORB full generation, {res['full_images']:,} images 96x96 "
-               f"({res['workers']} worker(s), {res['cpus']} CPU(s), load {res['load_average_before']}):")
-    click.echo(f"  {res['full_seconds']:.1f} s  ({res['images_per_second']:,.0f} images/s; {how})")
-    click.echo(f"  {verdict} the {res['budget_seconds']:.0f} s budget")

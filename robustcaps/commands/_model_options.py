@@ -22,15 +22,13 @@ parser processes it. The same options are suite keys (see :meth:`ModelRequest.fr
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-log = logging.getLogger("robustcaps.models")
+from ..models.resolve import ModelRequest
 
 _ORDER_KEY = "robustcaps.model_options.order"
 _HOOKED_KEY = "robustcaps.model_options.hooked"
@@ -56,54 +54,6 @@ ADAPTER_FLAGS: tuple[_Flag, ...] = (
     _Flag("--model-name", "name", "NAME", "Display name in tables and plots (default: the spec)."),
 )
 _BY_DEST = {f"model_opt_{f.key}": f for f in ADAPTER_FLAGS}
-
-
-@dataclass
-class ModelRequest:
-    """One ``--model`` with its adapter options (keyword arguments of ``load_model``)."""
-
-    spec: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def load(self, *, defaults: Mapping[str, Any] | None = None, **extra: Any):
-        """Load as a checked :class:`~robustcaps.models.adapter.ModelAdapter`.
-
-        ``extra`` (e.g. ``device=``) overrides ``options``; ``defaults`` (e.g. the
-        dataset's ``num_classes``/``input_shape``/``bounds``) fill in only what neither the
-        user nor the model sets. Warnings (untrained architecture, probability outputs) are
-        logged as one line each instead of Python warning blocks.
-        """
-        from ..models.loading import load_model
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            adapter = load_model(self.spec, defaults=defaults, **{**self.options, **extra})
-        for w in caught:
-            # Library deprecation notices are hidden by default in Python; keep it so.
-            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
-                log.warning("%s: %s", self.spec, w.message)
-        return adapter
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | str) -> ModelRequest:
-        """A suite entry: a spec string, or a table with ``spec`` (or ``model``) and adapter
-        option keys (``num_classes``, ``input_shape``, ``bounds``, ``mean``, ``std``,
-        ``output_key``, ``outputs``, ``name``, ``loss``, ``trust_pickle``)."""
-        from ..errors import RobustcapsError
-        from ..models.loading import parse_adapter_options
-
-        if isinstance(mapping, str):
-            return cls(mapping)
-        rest = dict(mapping)
-        spec = rest.pop("spec", None) or rest.pop("model", None)
-        if not isinstance(spec, str) or not spec.strip():
-            raise RobustcapsError(f"model entry {dict(mapping)!r} has no 'spec' string")
-        return cls(spec.strip(), parse_adapter_options(rest))
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-friendly form for run manifests."""
-        return {"spec": self.spec, "options": {k: list(v) if isinstance(v, tuple) else v
-                                               for k, v in self.options.items()}}
 
 
 class _PositionalOption(click.Option):

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 
 from ..errors import RobustcapsError
+from ..models.adapter import LOSSES
 from ._common import common_options
 from ._model_options import model_options
 
 #: default sample count: the embedded default (capsnet-small + cnn on SynthNORB) must finish
 #: in at most 3 minutes on 2 CPU cores.
 DEFAULT_N = 32
-LOSSES = ("ce", "spread", "margin", "cw")
 
 
 def parse_epsilon_list(text: str) -> list[float]:
@@ -71,29 +71,18 @@ def command(common, models, dataset, split, data_dir, n_samples, loss, epsilons,
     Writes gradient_report.md (verdict table: PASS / WARN / FAIL per check), gradients.json,
     gradients.csv and figures. Default: capsnet-small and cnn on the SynthNORB test split.
     """
-    from ..data import load_dataset
-    from ..diagnostics import run_diagnostics
-    from ..utils import seed_everything
+    from .. import diagnose
 
     eps = parse_epsilon_list(epsilons) if epsilons is not None else None
     t0 = time.perf_counter()
-    seed_everything(common.seed)
     common.echo(f"diagnose: {n_samples} samples of {dataset} ({split})"
                 + (" [default N]" if n_samples == DEFAULT_N else ""))
-    data = load_dataset(dataset, split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
-                        progress=not common.quiet)
-    defaults = {"num_classes": data.num_classes, "input_shape": data.input_shape,
-                "bounds": data.bounds}
-    extra = {"device": common.device}
-    if loss is not None:
-        extra["loss"] = loss
-    adapters = [m.load(defaults=defaults, **extra) for m in models]
     out = common.out or Path("results") / "diagnostics" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    result = run_diagnostics(
-        adapters, data.x, data.y, out=out, epsilons=eps, steps=steps, attacks=not gradients_only,
-        seed=common.seed, batch_size=common.batch_size,
-        dataset=f"{data.name} {data.split} split, fingerprint {data.fingerprint}",
-        progress=not common.quiet, figures=not no_figures,
+    result = diagnose(
+        models, dataset, split=split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
+        device=common.device, loss=loss, out=out, progress=not common.quiet, epsilons=eps,
+        steps=steps, attacks=not gradients_only, batch_size=common.batch_size,
+        figures=not no_figures,
     )
     table = result.verdict_table()
     overall = result.overall()

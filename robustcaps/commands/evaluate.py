@@ -1,11 +1,13 @@
-"""``robustcaps evaluate``: FGSM/BIM/transfer epsilon sweeps -> records, summary, figures.
+"""``robustcaps evaluate``: attack sweeps -> records, summary, figures (click glue only).
 
-A thin layer over :func:`robustcaps.attacks.engine.evaluate`.
+The options are generated from the settings of :mod:`robustcaps.evaluation.config`; the
+run is :func:`robustcaps.evaluation.run.evaluate`. Precedence: a resumed run's own
+settings, then a suite, then options given explicitly.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shlex
 import sys
 from datetime import datetime
@@ -15,11 +17,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..errors import RobustcapsError
+from ..evaluation.config import DEFAULT_MODELS, iter_settings, threats
 from ._common import common_options
 from ._model_options import model_options
-
-_DEFAULT_MODELS = ("capsnet-small", "cnn")
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
@@ -27,45 +27,66 @@ def _explicit(ctx: click.Context, name: str) -> bool:
     return src is not None and src not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
+def _setting_options() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dest, setting, click option) for every setting whose option is generated."""
+    options = []
+    for _, f in iter_settings():
+        cli = f.metadata["cli"]
+        if cli is None:
+            continue
+        dest = cli.get("dest", f.name)
+        options.append((dest, f, click.option(*_decls(f.name, dest, cli), **_option_kwargs(f, cli))))
+    return options
+
+
+def _decls(key: str, dest: str, cli: dict[str, Any]) -> list[str]:
+    flag = cli.get("flag_name", "--" + key.replace("_", "-"))
+    if cli.get("flag"):
+        return [f"{flag}/--no-{flag[2:]}", dest]
+    return [flag, dest]
+
+
+def _option_kwargs(f: dataclasses.Field, cli: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"help": f.metadata["help"], "show_default": cli.get("show_default", False)}
+    if cli.get("multiple"):
+        kw["multiple"] = True
+    else:  # a list setting's option names one item
+        kw["default"] = f.default[0] if isinstance(f.default, tuple) else f.default
+    if "metavar" in cli:
+        kw["metavar"] = cli["metavar"]
+    kind = cli.get("type")
+    if "choices" in cli:
+        kw["type"] = click.Choice(list(cli["choices"]()))
+    elif kind == "count":
+        kw["type"] = click.IntRange(min=1)
+    elif cli.get("path"):
+        kw["type"] = click.Path(path_type=Path, file_okay=False)
+    elif kind is not None:
+        kw["type"] = kind
+    return kw
+
+
+def _settings_options(f):
+    for _, _, option in reversed(_setting_options()):
+        f = option(f)
+    return f
+
+
 @click.command("evaluate")
-@click.option("--attack", type=click.Choice(["fgsm", "bim", "transfer", "all"]), default=None,
-              help="Attack to run (required unless --suite or --resume gives it).")
+@click.option("--attack", type=click.Choice([*threats(), "all"]), default=None,
+              help="Attack to run (required unless --suite or --resume gives it); "
+              "'robustcaps attacks' lists them.")
 @click.option("--targeted", "mode", flag_value="targeted",
               help="Targeted: every sample towards each wrong class in turn (paper Fig. 3 right).")
 @click.option("--untargeted", "mode", flag_value="untargeted", default=True,
               help="Untargeted (default).")
 @click.option("--both", "mode", flag_value="both", help="Untargeted and targeted.")
-@model_options(default=_DEFAULT_MODELS)
-@click.option("--dataset", default="synthnorb", show_default=True,
-              metavar="synthnorb|smallnorb|mnist|npz:PATH", help="Evaluation data (test split).")
-@click.option("--split", default="test", show_default=True, help="Dataset split.")
-@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Folder holding the dataset files.")
+@model_options(default=DEFAULT_MODELS)
 @click.option("--epsilons", default=None, metavar="LIST",
               help="Comma-separated L-inf epsilons in input units, e.g. 0,0.05,0.1.")
 @click.option("--eps-range", default=None, metavar="START:STOP:STEP",
               help="Epsilon grid, STOP included. Default 0:0.5:0.05 (the paper's axis).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="BIM iterations.")
-@click.option("--step-size", type=float, default=None,
-              help="BIM step in input units. Default 1.25*eps/steps.")
-@click.option("--early-stop/--no-early-stop", default=True, show_default=True,
-              help="BIM: keep each sample's first success and stop computing for it "
-              "(--no-early-stop runs every step, like torchattacks/foolbox).")
-@click.option("--loss", type=click.Choice(["ce", "spread", "margin", "cw"]), default=None,
-              help="Loss the attacks differentiate. Default ce: cross-entropy on the scores "
-              "(for capsule nets the logits of the class activations; spread saturates).")
-@click.option("--n-samples", type=click.IntRange(min=1), default=None,
-              help="Samples to attack (class-stratified). Default depends on the attack; printed.")
-@click.option("--backend", type=click.Choice(["native", "torchattacks", "foolbox", "all"]),
-              default="native", show_default=True,
-              help="Attack implementation; 'all' runs the three on identical inputs and "
-              "reports their largest disagreement.")
-@click.option("--source", default=None, metavar="SPEC", help="Transfer: source model (default cnn).")
-@click.option("--target", "targets", multiple=True, metavar="SPEC",
-              help="Transfer: target model; repeat. Default capsnet-small and cnn-b (zoo).")
-@click.option("--transfer-attack", type=click.Choice(["fgsm", "bim"]), default="fgsm",
-              show_default=True, help="Transfer: attack crafting the examples on the source.")
+@_settings_options
 @click.option("--suite", default=None, metavar="FILE|NAME",
               help="TOML attack suite (e.g. attacks/paper-fig3.toml or just paper-fig3).")
 @click.option("--resume", is_flag=True,
@@ -74,77 +95,31 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 @common_options(out_help="Run directory (default results/runs/<timestamp>-<attack>).",
                 batch_default=None)
 @click.pass_context
-def command(ctx: click.Context, common, models, attack, mode, dataset, split, data_dir, epsilons,
-            eps_range, steps, step_size, early_stop, loss, n_samples, backend, source, targets,
-            transfer_attack, suite, resume, no_figures) -> None:
+def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_range, suite,
+            resume, no_figures, **options) -> None:
     """Attack models over an epsilon sweep and write records, summary, figures and manifest.
 
     Epsilons are L-infinity sizes in the model's input space: per-image standardised
     units for NORB data (no bounds), [0, 1] units for MNIST. With --attack alone it runs
     the embedded default: SynthNORB test split, zoo capsnet-small and cnn.
     """
-    from ..attacks.engine import evaluate, model_spec, parse_eps_range, parse_epsilons
-    from ..attacks.suite import load_suite, suite_to_kwargs
+    from ..evaluation.config import EvaluationConfig, OutputSettings
+    from ..evaluation.run import evaluate
 
-    kwargs: dict[str, Any] = {}
-    # 1. a resumed run's own settings, 2. a suite, 3. explicit options (highest priority)
-    if resume:
-        if common.out is None:
-            raise click.UsageError("--resume needs --out DIR, the run directory to continue")
-        mpath = common.out / "manifest.json"
-        if not mpath.is_file():
-            raise RobustcapsError(f"nothing to resume: {common.out} holds no manifest.json")
-        kwargs.update(json.loads(mpath.read_text()).get("invocation", {}))
-    if suite is not None:
-        kwargs.update(suite_to_kwargs(load_suite(suite)))
-
-    explicit = lambda name: _explicit(ctx, name)  # noqa: E731
-    if attack is not None:
-        kwargs["attack"] = attack
-    if "attack" not in kwargs:
+    settings = _base_settings(common, resume, suite)
+    settings.update(_explicit_settings(ctx, options, attack, mode, epsilons, eps_range))
+    settings.update({k: v for k, v in (("batch_size", common.batch_size),) if v is not None})
+    for name in ("seed", "device"):
+        if _explicit(ctx, name) or name not in settings:
+            settings[name] = getattr(common, name)
+    if "attack" not in settings:
         raise click.UsageError("give --attack fgsm|bim|transfer|all (or --suite FILE)")
-    if explicit("mode"):
-        kwargs["targeted"] = mode
-    kwargs.setdefault("targeted", mode)
-    if explicit("model") or "models" not in kwargs or kwargs["models"] is None:
-        kwargs["models"] = models  # ModelRequests (with their adapter options)
-    if epsilons is not None and eps_range is not None:
-        raise click.UsageError("give --epsilons or --eps-range, not both")
-    if epsilons is not None:
-        kwargs["epsilons"] = parse_epsilons(epsilons)
-    elif eps_range is not None:
-        kwargs["epsilons"] = parse_eps_range(eps_range)
-    for name, value in [("dataset", dataset), ("split", split), ("steps", steps),
-                        ("step_size", step_size), ("early_stop", early_stop), ("loss", loss),
-                        ("n_samples", n_samples), ("backend", backend), ("source", source),
-                        ("transfer_attack", transfer_attack)]:
-        if explicit(name) or name not in kwargs:
-            kwargs[name] = value
-    if data_dir is not None:
-        kwargs["data_dir"] = str(data_dir)
-    if targets:
-        kwargs["transfer_targets"] = list(targets)
-    if common.batch_size is not None:
-        kwargs["batch_size"] = common.batch_size
-    if explicit("seed") or "seed" not in kwargs:
-        kwargs["seed"] = common.seed
-    if explicit("device") or "device" not in kwargs:
-        kwargs["device"] = common.device
-
-    model_list = kwargs.pop("models")
-    out = common.out
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        label = kwargs["attack"] if isinstance(kwargs["attack"], str) else "-".join(kwargs["attack"])
-        out = Path("results") / "runs" / f"{stamp}-{label}"
-    white = kwargs["attack"] != "transfer" and kwargs["attack"] != ["transfer"]
-    invocation = {**kwargs, "models": [model_spec(m) for m in model_list] if white else None}
-
-    result = evaluate(
-        model_list, out=out, resume=resume, figures=not no_figures,
-        progress=not common.quiet, echo=common.echo,
-        command=shlex.join(["robustcaps", *sys.argv[1:]]), invocation=invocation, **kwargs,
-    )
+    if _explicit(ctx, "model") or settings.get("models") is None:
+        settings["models"] = models  # ModelRequests (with their adapter options)
+    out = common.out or _default_out(settings["attack"])
+    config = EvaluationConfig.from_kwargs(**settings, output=OutputSettings(
+        out=out, resume=resume, figures=not no_figures, progress=not common.quiet))
+    result = evaluate(config, echo=common.echo, command=shlex.join(["robustcaps", *sys.argv[1:]]))
     common.echo("")
     common.echo(result.table)
     common.echo("")
@@ -152,3 +127,46 @@ def command(ctx: click.Context, common, models, attack, mode, dataset, split, da
     for name, path in result.paths.items():
         if name != "complete":
             click.echo(f"  {path}")
+
+
+def _base_settings(common, resume: bool, suite: str | None) -> dict[str, Any]:
+    """A resumed run's settings, then the suite's on top."""
+    from ..evaluation.config import read_invocation
+    from ..evaluation.suite import load_suite, suite_to_kwargs
+
+    settings: dict[str, Any] = {}
+    if resume:
+        if common.out is None:
+            raise click.UsageError("--resume needs --out DIR, the run directory to continue")
+        settings.update(read_invocation(common.out))
+    if suite is not None:
+        settings.update(suite_to_kwargs(load_suite(suite)))
+    return settings
+
+
+def _explicit_settings(ctx: click.Context, options: dict[str, Any], attack: str | None,
+                       mode: str, epsilons: str | None, eps_range: str | None) -> dict[str, Any]:
+    """The settings given on the command line."""
+    from ..evaluation.config import parse_eps_range, parse_epsilons
+
+    given: dict[str, Any] = {}
+    if attack is not None:
+        given["attack"] = attack
+    if _explicit(ctx, "mode"):
+        given["targeted"] = mode
+    if epsilons is not None and eps_range is not None:
+        raise click.UsageError("give --epsilons or --eps-range, not both")
+    if epsilons is not None:
+        given["epsilons"] = parse_epsilons(epsilons)
+    elif eps_range is not None:
+        given["epsilons"] = parse_eps_range(eps_range)
+    for dest, f, _ in _setting_options():
+        if _explicit(ctx, dest) and options[dest] not in (None, ()):
+            given[f.name] = options[dest]
+    return given
+
+
+def _default_out(attack: str | list[str]) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    label = attack if isinstance(attack, str) else "-".join(attack)
+    return Path("results") / "runs" / f"{stamp}-{label}"

@@ -42,8 +42,8 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
     """Histograms of vote-to-class-mean distances after every routing iteration, weighted
     by assignment probability (paper Fig. 2 zoomed, Fig. B.2 full range), plus CSVs."""
     from ..data import load_dataset
+    from ..models.resolve import ModelRequest
     from ..report.routing import check_indices, inspect_routing, pick_sample
-    from ._model_options import ModelRequest
 
     if not indices and not picks:
         raise click.UsageError("give at least one --index or --pick")

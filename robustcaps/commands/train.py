@@ -1,5 +1,5 @@
 """``robustcaps train``: train a built-in architecture and write a zoo entry (a thin layer
-over :func:`robustcaps.train.train`)."""
+over :func:`robustcaps.training.train`)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def command(common, model_name: str, arch_kw: tuple[str, ...], no_multi_crop: bo
           --max-train-samples 4000 --out models/my-capsnet
     """
     from ..errors import RobustcapsError
-    from ..train import parse_arch_kwargs, train
+    from ..training import parse_arch_kwargs, train
 
     if common.out is None:
         raise click.UsageError("--out is required (e.g. --out models/NAME)")

@@ -74,6 +74,12 @@ class Dataset:
             return (c, self.crop_size, self.crop_size)
         return (c, h, w)
 
+    def model_defaults(self) -> dict:
+        """What a model built for this data takes from it where neither the user nor the
+        model says otherwise (``defaults`` of :func:`robustcaps.models.resolve.resolve_model`)."""
+        return {"num_classes": self.num_classes, "input_shape": self.input_shape,
+                "bounds": self.bounds}
+
     def __len__(self) -> int:
         return int(self.x.shape[0])
 

@@ -1,7 +1,8 @@
 """Registry of built-in architectures (timm-style ``register_model`` / ``create_model``).
 
 A factory registered here builds an *untrained* module; trained weights live in the zoo
-(:mod:`robustcaps.models.zoo`). Each created module gets a ``robustcaps_meta`` dict that
+(:mod:`robustcaps.models.zoo`). The registry imports no architecture: the package imports
+them, which runs their ``@register_model``. Each created module gets a ``robustcaps_meta`` dict that
 :class:`~robustcaps.models.adapter.ModelAdapter` reads for its defaults.
 """
 
@@ -52,14 +53,9 @@ def register_model(
     return deco
 
 
-def _ensure_builtins() -> None:
-    # Importing the modules runs their @register_model decorators.
-    from . import capsnet, cnn  # noqa: F401
-
-
 def architectures() -> dict[str, Architecture]:
-    """All registered architectures by name."""
-    _ensure_builtins()
+    """All registered architectures by name (the built-ins register when
+    :mod:`robustcaps.models` imports them)."""
     return dict(_REGISTRY)
 
 

@@ -15,7 +15,7 @@ not depend on which checkpoints are committed).
 Weights are always loaded with ``torch.load(weights_only=True)`` and their sha256 is
 checked against the card before use.
 
-``robustcaps train --out models/<name>`` writes an entry (see :mod:`robustcaps.train`); its
+``robustcaps train --out models/<name>`` writes an entry (see :mod:`robustcaps.training`); its
 full training checkpoints go to ``models/<name>/checkpoints/``, which is not committed and
 not packaged. :data:`CARD_FIELDS` lists what every card holds.
 """

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import RobustcapsError
+from ..evaluation.store import COMPLETE_MARKER, write_csv
 from .tables import (
     RECORD_COLUMNS,
     SUMMARY_COLUMNS,
@@ -27,11 +28,10 @@ from .tables import (
 )
 
 __all__ = [
-    "RECORD_COLUMNS", "SUMMARY_COLUMNS", "ReportResult", "backend_disagreement", "build_report",
+    "COMPLETE_MARKER", "RECORD_COLUMNS", "SUMMARY_COLUMNS", "ReportResult", "backend_disagreement", "build_report",
     "console_table", "read_records", "summarize", "wilson_interval",
 ]
 
-COMPLETE_MARKER = "COMPLETE"
 
 
 class ReportResult(dict):
@@ -41,13 +41,6 @@ class ReportResult(dict):
     per_target: pd.DataFrame
     disagreement: pd.DataFrame
     table: str
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
 
 
 def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
@@ -78,12 +71,12 @@ def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
     data = manifest.get("data", {})
     out = ReportResult()
     summary, per_target = summarize(records)
-    out["summary"] = _write_csv(summary, run_dir / "summary.csv")
+    out["summary"] = write_csv(summary, run_dir / "summary.csv")
     if not per_target.empty:
-        out["summary_per_target"] = _write_csv(per_target, run_dir / "summary_per_target.csv")
+        out["summary_per_target"] = write_csv(per_target, run_dir / "summary_per_target.csv")
     disagreement = backend_disagreement(summary)
     if not disagreement.empty:
-        out["backend_agreement"] = _write_csv(disagreement, run_dir / "backend_agreement.csv")
+        out["backend_agreement"] = write_csv(disagreement, run_dir / "backend_agreement.csv")
     table = console_table(summary)
     if not disagreement.empty:
         worst = disagreement.loc[disagreement["max_abs_diff_pp"].idxmax()]

@@ -12,10 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
-RECORD_COLUMNS = [
-    "model", "attack", "backend", "source", "targeted", "target", "epsilon", "sample",
-    "label", "clean_pred", "adv_pred", "success", "linf", "l2", "eps_units",
-]
+# read_records and normalise_records are re-exported for the report's callers
+from ..evaluation.records import RECORD_COLUMNS, normalise_records, read_records  # noqa: F401
 
 #: the first columns of summary.csv, in this order (fixed by the project's interface)
 SUMMARY_COLUMNS = [
@@ -38,22 +36,6 @@ def wilson_interval(k: np.ndarray | int, n: np.ndarray | int, z: float = 1.95996
         half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
         lo, hi = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
     return lo, hi
-
-
-def read_records(path) -> pd.DataFrame:
-    """Read records.csv.gz with the right dtypes (``target`` is a nullable integer)."""
-    df = pd.read_csv(path, dtype={"source": "string", "eps_units": "string"},
-                     keep_default_na=True)
-    return normalise_records(df)
-
-
-def normalise_records(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.copy()
-    df["target"] = df["target"].astype("Int64")
-    df["targeted"] = df["targeted"].astype(bool)
-    df["success"] = df["success"].astype(bool)
-    df["source"] = df["source"].astype("string").fillna("")
-    return df[RECORD_COLUMNS + [c for c in df.columns if c not in RECORD_COLUMNS]]
 
 
 def _clean_accuracy(records: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -1,40 +1,4 @@
-"""The training engine behind ``robustcaps train`` (and the zoo's checkpoints).
-
-``train(model_name, dataset=..., epochs=..., out=...)`` trains a registered architecture the
-way Section 5 of Hinton et al. (2018) describes and writes a zoo entry into ``out``:
-
-- Adam; the learning rate decays exponentially, ``lr_t = lr * lr_decay ** (t / steps_per_epoch)``
-  (``lr_decay`` is the factor per epoch, default 0.9, a choice of ours: the paper gives none).
-- Capsule networks: spread loss on the class activations ``sigmoid(logits)`` with the margin
-  growing linearly from 0.2 to 0.9 over all optimisation steps of the run
-  (:func:`robustcaps.models.losses.spread_margin`). Other models: cross-entropy (the CNN has
-  dropout). ``loss=`` overrides the choice.
-- The paper's augmentation (:func:`robustcaps.data.transforms.train_augment`: random 32x32
-  crop of the 48x48 image, random brightness and contrast) when the training images are larger
-  than the model's input; test-time centre crop, and multi-crop (average of class activations
-  over the five crops) for the final test error.
-- Evaluation on the test split after each epoch (and every ``eval_every_steps`` steps), on a
-  validation split held out from the *training* data (``val_instances`` for NORB-format data,
-  ``val_fraction`` otherwise) when asked; ``stop_at_error``/``stop_on`` stop the run once the
-  error on that split is at most the target (the matched-accuracy protocol of Table 2; stop on
-  ``val`` to keep the test split out of every decision).
-
-Exact resumption. Everything random is a function of ``(seed, epoch, step)`` or lives in the
-checkpoint: the data order of epoch ``e`` is a permutation drawn from a generator seeded with
-``(seed, e)``; the augmentation of step ``t`` uses a generator seeded with ``(seed, t)``;
-dropout uses the global torch RNG, saved (with the NumPy and Python RNGs) in each checkpoint
-together with the model, the optimizer, the position in the epoch and the running metrics.
-So a run stopped after any checkpoint and resumed gives, on the same device and thread count,
-bit-identical weights to an uninterrupted run.
-
-Files written into ``out``::
-
-    weights.pt            final state dict (torch.load(weights_only=True))
-    card.json, card.md    the model card (see robustcaps.models.zoo)
-    metrics.csv           one row per evaluation (epoch/step, train loss/acc, lr, margin, errors)
-    checkpoints/last.pt   full training state, replaced atomically; never written with a
-                          non-finite model, so a diverging run keeps its last good state
-"""
+"""``train()`` and the :class:`Trainer` loop (see :mod:`robustcaps.training`)."""
 
 from __future__ import annotations
 
@@ -44,15 +8,11 @@ import json
 import logging
 import math
 import os
-import platform
-import random
-import shlex
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -60,397 +20,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import DataError, RobustcapsError
-from .models import losses as L
-from .utils import resolve_device, seed_everything, sha256_file, tensor_fingerprint
+from .. import __version__
+from ..errors import RobustcapsError
+from ..models import losses as L
+from ..utils import resolve_device, seed_everything, sha256_file
+from .config import CHECKPOINT_FORMAT, CROP, RESUME_FREE, TrainConfig, TrainingDiverged
+from .data import Split, load_train_data, subset_split
+from .evaluator import Evaluator, hardware_description
+from .state import (
+    all_finite,
+    atomic_torch_save,
+    derived_seed,
+    epoch_order,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "robustcaps-train-checkpoint/1"
-LOSSES = ("auto", "spread", "margin", "ce")
-AUGMENTS = ("auto", "paper", "none")
-STOP_SPLITS = ("test", "val")
-CROP = 32  # the paper's input crop for 48x48 NORB images
-
-# Config fields that may change between a run and its resumption without changing the result.
-_RESUME_FREE = {"resume", "overwrite", "time_limit", "stop_after_steps", "progress", "device",
-                "description", "name", "checkpoint_every"}
-
-
-class TrainingDiverged(RobustcapsError):
-    """The loss (or the weights) became NaN or Inf; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in checkpoints and on the card)."""
-
-    model: str
-    dataset: str = "synthnorb"
-    test_dataset: str | None = None  # another dataset for the test split (default: ``dataset``)
-    out: str | None = None
-    epochs: int = 10
-    seed: int = 0
-    batch_size: int = 32
-    lr: float | None = None  # None: 3e-3 for capsule networks, 1e-3 otherwise
-    lr_decay: float = 0.9  # multiplicative factor per epoch (applied continuously per step)
-    weight_decay: float = 0.0
-    loss: str = "auto"
-    margin_start: float = 0.2
-    margin_end: float = 0.9
-    augment: str = "auto"
-    grad_clip: float | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    data_seed: int = 0
-    train_split: str = "train"
-    test_split: str = "test"
-    stereo: bool = True
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    steps_per_epoch: int | None = None
-    val_instances: tuple[int, ...] = ()
-    val_fraction: float | None = None
-    stop_at_error: float | None = None
-    stop_on: str = "test"
-    eval_every_steps: int | None = None
-    eval_samples: int | None = None  # evaluations during training on this many test/val images
-    multi_crop: bool = True
-    checkpoint_every: int | None = None
-    time_limit: float | None = None
-    stop_after_steps: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    progress: bool = True
-    name: str | None = None
-    description: str | None = None
-
-    def validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise RobustcapsError(msg)
-
-        if self.epochs < 1:
-            bad(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            bad(f"batch size must be >= 1, got {self.batch_size}")
-        if self.lr is not None and not self.lr > 0:
-            bad(f"learning rate must be > 0, got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            bad(f"lr decay (factor per epoch) must be in (0, 1], got {self.lr_decay}")
-        if self.weight_decay < 0:
-            bad(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.loss not in LOSSES:
-            bad(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.augment not in AUGMENTS:
-            bad(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-        if not 0 <= self.margin_start <= self.margin_end:
-            bad(f"spread margins must satisfy 0 <= start <= end, got {self.margin_start}, {self.margin_end}")
-        for key in ("max_train_samples", "max_test_samples", "steps_per_epoch", "eval_every_steps",
-                    "eval_samples", "checkpoint_every", "stop_after_steps"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                bad(f"{key.replace('_', '-')} must be >= 1, got {v}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            bad(f"grad clip must be > 0, got {self.grad_clip}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            bad(f"time limit must be > 0 seconds, got {self.time_limit}")
-        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
-            bad(f"val fraction must be in (0, 1), got {self.val_fraction}")
-        if self.val_fraction is not None and self.val_instances:
-            bad("give either val instances or a val fraction, not both")
-        if self.stop_on not in STOP_SPLITS:
-            bad(f"--on must be one of {', '.join(STOP_SPLITS)}, got {self.stop_on!r}")
-        if self.stop_at_error is not None and not 0 <= self.stop_at_error <= 1:
-            bad(f"stop-at-error is an error rate in [0, 1], got {self.stop_at_error}")
-        if self.stop_on == "val" and self.stop_at_error is not None and not self.has_val:
-            bad("--on val needs a validation split: give --val-instances or --val-fraction")
-        if self.out is None:
-            bad("an output folder is required (--out)")
-
-    @property
-    def has_val(self) -> bool:
-        return bool(self.val_instances) or self.val_fraction is not None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["val_instances"] = list(self.val_instances)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["val_instances"] = tuple(d.get("val_instances", ()))
-        return cls(**d)
-
-    def command_line(self) -> str:
-        """An equivalent ``robustcaps train`` command (recorded on the model card)."""
-        args = ["robustcaps", "train", "--model", self.model, "--dataset", self.dataset]
-        default = TrainConfig(model=self.model)
-        flags = {
-            "epochs": "--epochs", "seed": "--seed", "batch_size": "--batch-size", "lr": "--lr",
-            "lr_decay": "--lr-decay", "weight_decay": "--weight-decay", "loss": "--loss",
-            "margin_start": "--margin-start", "margin_end": "--margin-end", "augment": "--augment",
-            "grad_clip": "--grad-clip", "test_dataset": "--test-dataset", "data_dir": "--data-dir",
-            "data_seed": "--data-seed",
-            "train_split": "--train-split", "test_split": "--test-split",
-            "max_train_samples": "--max-train-samples", "max_test_samples": "--max-test-samples",
-            "steps_per_epoch": "--steps-per-epoch", "val_fraction": "--val-fraction",
-            "stop_at_error": "--stop-at-error", "eval_every_steps": "--eval-every-steps",
-            "eval_samples": "--eval-samples",
-            "checkpoint_every": "--checkpoint-every",
-        }
-        for key, flag in flags.items():
-            v = getattr(self, key)
-            if v != getattr(default, key) or key in ("epochs", "seed", "batch_size"):
-                args += [flag, str(v)]
-        if not self.stereo:
-            args.append("--mono")
-        if not self.multi_crop:
-            args.append("--no-multi-crop")
-        if self.val_instances:
-            args += ["--val-instances", ",".join(map(str, self.val_instances))]
-        if self.stop_at_error is not None:
-            args += ["--on", self.stop_on]
-        for k, v in sorted(self.arch_kwargs.items()):
-            args += ["--arch-kw", f"{k}={json.dumps(v)}"]
-        args += ["--out", str(self.out)]
-        return shlex.join(args)
-
-
-# --------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """An in-memory split: x float32 (N, C, H, W) (48x48 for NORB), y int64 (N,)."""
-
-    name: str
-    x: torch.Tensor
-    y: torch.Tensor
-    fingerprint: str
-
-
-@dataclass
-class TrainData:
-    train: Split
-    test: Split
-    val: Split | None
-    num_classes: int
-    class_names: list[str]
-    bounds: tuple[float, float] | None
-    dataset: str
-
-
-def _fingerprint(ds: Any, x: torch.Tensor, y: torch.Tensor) -> str:
-    fp = getattr(ds, "fingerprint", None)
-    return fp if isinstance(fp, str) and fp else tensor_fingerprint(x, y)
-
-
-def _subset(split: Split, idx: torch.Tensor, name: str) -> Split:
-    x, y = split.x[idx], split.y[idx]
-    return Split(name, x, y, tensor_fingerprint(x, y))
-
-
-def _split_val(train: Split, meta: dict[str, Any], cfg: TrainConfig) -> tuple[Split, Split | None]:
-    """Hold out part of the training data for validation (never touches the test split)."""
-    n = len(train.y)
-    if cfg.val_instances:
-        inst = meta.get("instance") if meta else None
-        if inst is None:
-            raise DataError(f"dataset {cfg.dataset!r} has no instance metadata; use --val-fraction")
-        inst = np.asarray(inst)
-        present = set(np.unique(inst).tolist())
-        missing = sorted(set(cfg.val_instances) - present)
-        if missing:
-            raise DataError(f"val instances {missing} are not in the training split "
-                            f"(its instances: {sorted(present)})")
-        is_val = torch.from_numpy(np.isin(inst, list(cfg.val_instances)))
-    elif cfg.val_fraction is not None:
-        # Class-stratified random hold-out, fixed by the data seed (not the training seed).
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.data_seed, 7919]))
-        y = train.y.numpy()
-        is_val_np = np.zeros(n, dtype=bool)
-        for c in np.unique(y):
-            members = np.flatnonzero(y == c)
-            k = int(round(cfg.val_fraction * len(members)))
-            is_val_np[rng.choice(members, size=k, replace=False)] = True
-        is_val = torch.from_numpy(is_val_np)
-    else:
-        return train, None
-    if bool(is_val.all()) or not bool(is_val.any()):
-        raise DataError("the validation hold-out leaves no training (or no validation) samples")
-    tr = _subset(train, torch.nonzero(~is_val).squeeze(1), train.name)
-    va = _subset(train, torch.nonzero(is_val).squeeze(1), f"{train.name}[val]")
-    return tr, va
-
-
-def load_train_data(cfg: TrainConfig, train_ds: Any = None, test_ds: Any = None) -> TrainData:
-    """Load the training and test splits uncropped (48x48 for NORB), plus the validation hold-out.
-
-    The test split comes from ``cfg.test_dataset`` when set (e.g. a second ``npz:`` file), else
-    from ``cfg.dataset``. ``train_ds``/``test_ds``: already loaded datasets (anything with ``x``, ``y``,
-    ``num_classes`` and optionally ``meta``, ``fingerprint``, ``bounds``, ``class_names``).
-    """
-    if train_ds is None or test_ds is None:
-        from .data import load_dataset
-
-        common = dict(data_dir=cfg.data_dir, seed=cfg.data_seed, stereo=cfg.stereo, crop="none",
-                      progress=cfg.progress)
-        if train_ds is None:
-            train_ds = load_dataset(cfg.dataset, cfg.train_split, n_samples=cfg.max_train_samples,
-                                    **common)
-        if test_ds is None:
-            test_ds = load_dataset(cfg.test_dataset or cfg.dataset, cfg.test_split,
-                                   n_samples=cfg.max_test_samples, **common)
-    else:  # in-memory datasets: apply the sample limits here (first rows of a fixed permutation)
-        train_ds = _limit(train_ds, cfg.max_train_samples, cfg.data_seed)
-        test_ds = _limit(test_ds, cfg.max_test_samples, cfg.data_seed)
-    splits = []
-    for ds, name in ((train_ds, cfg.train_split), (test_ds, cfg.test_split)):
-        x, y = ds.x, ds.y
-        if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
-            raise DataError(f"split {name!r}: expected x (N, C, H, W) and y (N,), got "
-                            f"{tuple(x.shape)} and {tuple(y.shape)}")
-        splits.append(Split(name, x.float().contiguous(), y.long(), _fingerprint(ds, x, y)))
-    train, test = splits
-    if train.fingerprint == test.fingerprint:
-        warnings.warn(f"the test split of {cfg.dataset!r} is the training data itself: its test "
-                      "error says nothing about generalisation (give --test-dataset)", stacklevel=3)
-    if train.x.shape[1:] != test.x.shape[1:]:
-        raise DataError(f"train images {tuple(train.x.shape[1:])} and test images "
-                        f"{tuple(test.x.shape[1:])} differ in shape")
-    train, val = _split_val(train, dict(getattr(train_ds, "meta", {}) or {}), cfg)
-    k = int(getattr(train_ds, "num_classes", 0) or int(train_ds.y.max()) + 1)
-    names = list(getattr(train_ds, "class_names", []) or [str(i) for i in range(k)])
-    bounds = getattr(train_ds, "bounds", None)
-    return TrainData(train, test, val, k, names, tuple(bounds) if bounds else None,
-                     str(getattr(train_ds, "name", cfg.dataset)))
-
-
-def _limit(ds: Any, n: int | None, seed: int) -> Any:
-    if n is None or n >= len(ds.y):
-        return ds
-    idx = torch.from_numpy(np.random.default_rng(seed).permutation(len(ds.y))[:n])
-    return _View(ds, idx)
-
-
-class _View:
-    """Rows ``idx`` of an in-memory dataset."""
-
-    def __init__(self, ds: Any, idx: torch.Tensor) -> None:
-        self.x, self.y = ds.x[idx], ds.y[idx]
-        self.meta = {k: np.asarray(v)[idx.numpy()] for k, v in (getattr(ds, "meta", {}) or {}).items()}
-        for attr in ("num_classes", "class_names", "bounds", "name"):
-            setattr(self, attr, getattr(ds, attr, None))
-        self.fingerprint = tensor_fingerprint(self.x, self.y)
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (independent streams for data order, augmentation...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_derived_seed(seed, 1, epoch))
-    return torch.randperm(n, generator=g)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global RNG is what code may use
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))  # noqa: NPY002
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values()
-               if torch.is_floating_point(p))
-
-
-def hardware_description(device: torch.device) -> str:
-    """E.g. 'cpu: Intel(R) Xeon(R) ... (2 cores, 2 torch threads)' or 'cuda: NVIDIA H100'."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-class _Evaluator:
-    """Error rates of a model on uncropped splits (centre crop / multi-crop when larger)."""
-
-    def __init__(self, model: nn.Module, outputs: str, input_hw: tuple[int, int],
-                 batch_size: int, device: torch.device, progress: bool) -> None:
-        self.model, self.outputs, self.input_hw = model, outputs, input_hw
-        self.batch_size, self.device, self.progress = batch_size, device, progress
-
-    def _activation(self, scores: torch.Tensor) -> torch.Tensor:
-        # The paper averages class activations: sigmoid of capsule logits, softmax otherwise.
-        return torch.sigmoid(scores) if self.outputs == "capsule_logits" else scores.softmax(dim=1)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, multi: bool = False) -> torch.Tensor:
-        """x: (N, C, H, W) -> (N,) predicted classes (H, W >= the model's input size)."""
-        from tqdm.auto import tqdm
-
-        from .data.transforms import center_crop, multi_crop_scores
-
-        was_training = self.model.training
-        self.model.eval()
-        size = self.input_hw[0]
-        crop = tuple(x.shape[-2:]) != self.input_hw
-        preds = []
-        bs = max(1, self.batch_size * (2 if not multi else 1))
-        try:
-            for i in tqdm(range(0, len(x), bs), desc="multi-crop eval" if multi else "eval",
-                          leave=False, disable=not self.progress, unit="batch"):
-                xb = x[i:i + bs].to(self.device)
-                if multi and crop:
-                    s = multi_crop_scores(self.model, xb, size=size, activation=self._activation)
-                else:
-                    s = self.model(center_crop(xb, size) if crop else xb)
-                preds.append(s.argmax(dim=1).cpu())
-        finally:
-            self.model.train(was_training)
-        return torch.cat(preds)
-
-    def error(self, split: Split, multi: bool = False) -> float:
-        """Error rate (wrong / N, exact) on a split."""
-        return int((self.predict(split.x, multi) != split.y).sum()) / len(split.y)
-
-
-# -------------------------------------------------------------------------------- train
 
 
 def train(
@@ -500,7 +86,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, train_ds: Any = None, test_ds: Any = None,
                  callback: Callable[[dict[str, Any]], None] | None = None) -> None:
-        from .models.registry import architectures
+        from ..models.registry import architectures
 
         self.cfg = cfg
         self.out = Path(cfg.out)  # type: ignore[arg-type]
@@ -535,7 +121,7 @@ class Trainer:
         self._stale = old  # removed once the data and model are set up (see _run)
 
     def _setup(self) -> None:
-        from .models.registry import create_model
+        from ..models.registry import create_model
 
         cfg, data = self.cfg, self.data
         c, h, w = data.train.x.shape[1:]
@@ -562,7 +148,7 @@ class Trainer:
         if cfg.steps_per_epoch is not None:
             self.batches_per_epoch = min(self.batches_per_epoch, cfg.steps_per_epoch)
         self.total_steps = cfg.epochs * self.batches_per_epoch
-        self.evaluator = _Evaluator(self.model, self.outputs, self.input_shape[1:], cfg.batch_size,
+        self.evaluator = Evaluator(self.model, self.outputs, self.input_shape[1:], cfg.batch_size,
                                     self.device, cfg.progress)
         # Position and running state (replaced by a checkpoint on resume).
         self.epoch = 0  # the epoch in progress (0-based)
@@ -593,7 +179,7 @@ class Trainer:
             "status": self.status,
             "stop_reason": self.stop_reason,
             "data_fingerprint": self.data_fingerprint(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def _tick(self) -> None:
@@ -604,12 +190,12 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self._tick()
-        if not _all_finite(self.model):
+        if not all_finite(self.model):
             raise TrainingDiverged(
                 f"non-finite weights at epoch {self.epoch + 1}, step {self.global_step}; "
                 f"not saving them (last good checkpoint: {self.ckpt_path})")
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(self._state(), self.ckpt_path)
+        atomic_torch_save(self._state(), self.ckpt_path)
 
     def load_checkpoint(self) -> None:
         try:
@@ -620,7 +206,7 @@ class Trainer:
             raise RobustcapsError(f"{self.ckpt_path} is not a robustcaps training checkpoint")
         saved = TrainConfig.from_json(state["config"])
         diffs = [f"{f.name}: {getattr(saved, f.name)!r} then, {getattr(self.cfg, f.name)!r} now"
-                 for f in fields(TrainConfig) if f.name not in _RESUME_FREE
+                 for f in fields(TrainConfig) if f.name not in RESUME_FREE
                  and getattr(saved, f.name) != getattr(self.cfg, f.name)]
         if diffs:
             raise RobustcapsError("cannot resume with different settings (" + "; ".join(diffs) + ")")
@@ -636,7 +222,7 @@ class Trainer:
         self.train_time_s = float(state["train_time_s"])
         self.status = state.get("status", "running")
         self.stop_reason = state.get("stop_reason")
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def data_fingerprint(self) -> dict[str, str]:
         d = {"train": self.data.train.fingerprint, "test": self.data.test.fingerprint}
@@ -667,12 +253,12 @@ class Trainer:
         idx = order[b * bs:(b + 1) * bs]
         x, y = self.data.train.x[idx], self.data.train.y[idx]
         if self.augment == "paper":
-            from .data.transforms import train_augment
+            from ..data.transforms import train_augment
 
-            g = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, 2, step))
+            g = torch.Generator().manual_seed(derived_seed(self.cfg.seed, 2, step))
             x = train_augment(x, g, size=self.input_shape[1])
         elif x.shape[-2:] != self.input_shape[1:]:
-            from .data.transforms import center_crop
+            from ..data.transforms import center_crop
 
             x = center_crop(x, self.input_shape[1])
         return x.to(self.device), y.to(self.device)
@@ -725,7 +311,7 @@ class Trainer:
         if split.name not in self._eval_cache:
             idx = torch.from_numpy(np.random.default_rng(
                 np.random.SeedSequence([self.cfg.data_seed, 4243])).permutation(len(split.y))[:n])
-            self._eval_cache[split.name] = _subset(split, idx, split.name)
+            self._eval_cache[split.name] = subset_split(split, idx, split.name)
         return self._eval_cache[split.name]
 
     def _report(self, row: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -812,7 +398,7 @@ class Trainer:
         steps_this_run = 0
         paused = False
         while self.status == "running" and self.epoch < cfg.epochs:
-            order = _epoch_order(cfg.seed, self.epoch, len(self.data.train.y))
+            order = epoch_order(cfg.seed, self.epoch, len(self.data.train.y))
             bar = tqdm(total=self.batches_per_epoch, initial=self.batch, unit="step",
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                        dynamic_ncols=True)
@@ -880,8 +466,8 @@ class Trainer:
     # ------------------------------------------------------------------- final
     def finalize(self) -> tuple[dict[str, Any], dict[str, Path]]:
         """Final test errors, the weights file and the model card."""
-        from .models.registry import count_params
-        from .models.zoo import write_card
+        from ..models.registry import count_params
+        from ..models.zoo import write_card
 
         cfg, data = self.cfg, self.data
         last = self.history[-1] if self.history else None
@@ -895,7 +481,7 @@ class Trainer:
         multi = self.evaluator.error(data.test, multi=True) if multi_ok else None
         weights = self.out / "weights.pt"
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        _atomic_torch_save(state, weights)
+        atomic_torch_save(state, weights)
         name = cfg.name or self.out.resolve().name
         epochs_done: float | int = round(self.global_step / self.batches_per_epoch, 4)
         if float(epochs_done).is_integer():
@@ -952,20 +538,3 @@ class Trainer:
         }
         paths = write_card(self.out, card)
         return card, {"weights": weights, **paths}
-
-
-def parse_arch_kwargs(items: Sequence[str]) -> dict[str, Any]:
-    """``["iterations=2", "pose=\\"vector\\""]`` -> ``{"iterations": 2, "pose": "vector"}``.
-
-    Values are JSON when they parse as JSON, plain strings otherwise.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RobustcapsError(f"--arch-kw expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out

@@ -1,0 +1,129 @@
+"""The run directory: settings check for resume, per-unit chunks, the done log, manifest,
+records and the COMPLETE marker. Every file is written atomically (:func:`robustcaps.utils.atomic_write`),
+so an interrupted run loses at most the unit in flight.
+
+Layout::
+
+    config.json            what must match for --resume (data fingerprint, model hashes, ...)
+    manifest.json          settings, versions, device, models, timings; status
+    chunks/<unit>.csv.gz   one unit's records, written when it finishes
+    chunks/done.jsonl      {"unit", "seconds", "rows"} per finished unit
+    examples/*.npz         a few adversarial examples per (attack, model)
+    records.csv.gz         every unit's records, once all are done
+    COMPLETE               written last
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import RobustcapsError
+from ..utils import atomic_write
+from .records import read_chunk
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """A CSV (gzip-compressed when the name ends in .gz), atomically."""
+    return atomic_write(path, lambda p: df.to_csv(p, index=False,
+                                                  compression="gzip" if path.suffix == ".gz" else None))
+
+
+def now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+class RunStore:
+    """A run directory on disk (``root``) or, with ``root=None``, nothing written."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = None if root is None else Path(root)
+
+    def __bool__(self) -> bool:
+        return self.root is not None
+
+    def open(self, identity: dict[str, Any], resume: bool) -> None:
+        """Start a new run, or check that a resumed one was run with ``identity``."""
+        if self.root is None:
+            return
+        cfg_path = self.root / "config.json"
+        if self.root.exists() and not self.root.is_dir():
+            raise RobustcapsError(f"--out {self.root} exists and is not a directory")
+        if cfg_path.is_file():
+            self._check_resume(json.loads(cfg_path.read_text()), identity, resume)
+            (self.root / COMPLETE_MARKER).unlink(missing_ok=True)  # re-finalised at the end
+            return
+        if self.root.is_dir() and any(self.root.iterdir()) and not resume:
+            raise RobustcapsError(f"--out {self.root} is not empty; choose a new directory")
+        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        (self.root / "examples").mkdir(exist_ok=True)
+        write_json(cfg_path, identity)
+
+    def _check_resume(self, old: dict[str, Any], identity: dict[str, Any], resume: bool) -> None:
+        if not resume:
+            raise RobustcapsError(
+                f"{self.root} already holds a run; continue it with --resume or choose another --out")
+        diff = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+        if diff:
+            raise RobustcapsError(
+                f"cannot resume {self.root}: it was run with different settings ({', '.join(diff)})")
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Path | None:
+        return None if self.root is None else write_json(self.root / "manifest.json", manifest)
+
+    def unit_seconds(self) -> dict[str, float]:
+        """Seconds per finished unit, from the done log (a torn last line is skipped)."""
+        log = self._done_log()
+        timings: dict[str, float] = {}
+        if log is None or not log.is_file():
+            return timings
+        for line in log.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                timings[d["unit"]] = d["seconds"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+        return timings
+
+    def load_chunk(self, key: str) -> pd.DataFrame | None:
+        """A finished unit's records, or None (not done, or nothing stored)."""
+        path = self._chunk(key)
+        return read_chunk(path) if path is not None and path.is_file() else None
+
+    def save_chunk(self, key: str, df: pd.DataFrame, seconds: float) -> pd.DataFrame:
+        """Store a unit's records and log it done; returns them as read back, so that a
+        resumed run holds exactly what an uninterrupted one does."""
+        path = self._chunk(key)
+        if path is None:
+            return df
+        write_csv(df, path)
+        with open(self._done_log(), "a") as f:
+            f.write(json.dumps({"unit": key, "seconds": seconds, "rows": len(df)}) + "\n")
+        return read_chunk(path)
+
+    def examples_path(self, name: str) -> Path | None:
+        return None if self.root is None else self.root / "examples" / f"{name}.npz"
+
+    def write_records(self, records: pd.DataFrame) -> Path | None:
+        return None if self.root is None else write_csv(records, self.root / "records.csv.gz")
+
+    def mark_complete(self) -> Path | None:
+        if self.root is None:
+            return None
+        return atomic_write(self.root / COMPLETE_MARKER, lambda p: p.write_text(now() + "\n"))
+
+    def _chunk(self, key: str) -> Path | None:
+        return None if self.root is None else self.root / "chunks" / f"{key}.csv.gz"
+
+    def _done_log(self) -> Path | None:
+        return None if self.root is None else self.root / "chunks" / "done.jsonl"
