@@ -84,3 +84,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], suffix: str = "
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def ensure_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) or raise a one-line error saying why not, e.g.
+    ``--out /proc/x`` or a path under a regular file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RobustcapsError(f"{what} {path} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RobustcapsError(f"{what} {path} is not writable")
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._common import common_options
+from ._common import common_options, out_dir
 
 
 @click.group("inspect")
@@ -59,7 +59,7 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
     for outcome in picks:
         chosen.append(pick_sample(adapter.model, x, data.y, outcome, common.batch_size))
         common.echo(f"--pick {outcome}: sample {chosen[-1]}")
-    out = common.out or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
+    out = out_dir(common) or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
     res = inspect_routing(adapter.model, x, data.y, chosen, data.class_names, out,
                           label=f"{spec} on {data.name} {split}, ", zoom=zoom, full_bins=bins)
     for path in res.figures + res.csvs:

@@ -25,15 +25,15 @@ import torch
 from ..attacks.base import AttackResult
 from ..attacks.registry import get_attack
 from ..attacks.transfer import _check_compatible, evaluate_on
-from ..data.coerce import as_dataset
+from ..data.coerce import as_dataset, fit_classes
 from ..data.datasets import Dataset
-from ..errors import RobustcapsError
+from ..errors import ModelRuntimeError, NonFiniteError, RobustcapsError
 from ..models.adapter import ModelAdapter
 from ..models.resolve import model_spec, resolve_model, state_sha256
 from ..utils import atomic_write, resolve_device, seed_everything
 from .config import DEFAULT_TRANSFER_SOURCE, DEFAULT_TRANSFER_TARGETS, EvaluationConfig
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
-from .records import concat_records, eps_units, records_from
+from .records import concat_records, eps_units, read_records, records_from
 from .store import RunStore, now
 
 
@@ -110,12 +110,18 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     seed_everything(config.run.seed)
     data, n_samples = load_data(config, log)
     models = load_models(config, data, log)
+    for a in models.all:
+        data = fit_classes(data, a.num_classes, a.name, a.num_classes_from)
     identity = run_identity(config, data, models, n_samples)
     store = RunStore(out.out)
     store.open(identity, out.resume)
+    if store.complete:
+        log.say(f"{store.root} is already complete: nothing to resume "
+                f"(robustcaps report {store.root} rebuilds its tables and figures)")
+        return stored_result(store)
     if store:
         log.say(f"run directory: {store.root}")
-    manifest = start_manifest(config, data, models, identity, log, command)
+    manifest = store.keep_history(start_manifest(config, data, models, identity, log, command))
     store.write_manifest(manifest)
     transfer = None if models.source is None else (
         config.transfer.transfer_attack, models.source, models.targets)
@@ -125,7 +131,11 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     ctx = UnitContext(data, np.asarray(config.threat.epsilons, dtype=np.float64),
                       identity["eps_units"], _attack_params(config), store, out.n_examples,
                       config.threat.backend[0])
-    records, timings = run_units(units, ctx, log, progress=out.progress)
+    try:
+        records, timings = run_units(units, ctx, log, progress=out.progress)
+    except RobustcapsError as exc:  # the manifest says why the run has no results
+        store.write_manifest({**manifest, "status": "failed", "error": str(exc)})
+        raise
     return finish(records, store, manifest, timings, t_start, figures=out.figures)
 
 
@@ -189,7 +199,7 @@ def load_models(config: EvaluationConfig, data: Dataset, log: RunLog) -> Models:
     if "transfer" in config.threat.attack:
         _load_transfer(config, models, get)
     for a in models.all:
-        _check_model_data(a, data)
+        _check_model_shape(a, data)
     return models
 
 
@@ -225,16 +235,12 @@ def default_transfer_targets() -> list[str]:
     return found or [t for t in DEFAULT_TRANSFER_TARGETS if t in architectures()]
 
 
-def _check_model_data(a: ModelAdapter, data: Dataset) -> None:
+def _check_model_shape(a: ModelAdapter, data: Dataset) -> None:
     shape = tuple(data.x.shape[1:])
     if a.input_shape is not None and tuple(a.input_shape) != shape:
         raise RobustcapsError(
             f"model {a.name!r} takes inputs of shape {tuple(a.input_shape)} but dataset "
             f"{data.name!r} has {shape}")
-    if a.num_classes is not None and a.num_classes != data.num_classes:
-        raise RobustcapsError(
-            f"model {a.name!r} has {a.num_classes} classes but dataset {data.name!r} has "
-            f"{data.num_classes}")
 
 
 # --------------------------------------------------------------------------- provenance
@@ -345,6 +351,24 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
 
 
 def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
+    """One unit's records, or a one-line error when a model raises or returns NaN/Inf
+    scores or gradients (a non-finite score would count as prediction 0: never counted)."""
+    models = [unit.model] if isinstance(unit, WhiteBoxUnit) else [unit.source, *unit.targets]
+    saved = [a.check_finite for a in models]
+    try:
+        for a in models:
+            a.check_finite = True
+        return _attack_unit(unit, ctx)
+    except (NonFiniteError, ModelRuntimeError) as exc:
+        kind = NonFiniteError if isinstance(exc, NonFiniteError) else RobustcapsError
+        raise kind(f"{exc} during attack {unit.attack} (unit {unit.key}); the run stopped "
+                   "and counted nothing of this unit") from exc
+    finally:
+        for a, flag in zip(models, saved, strict=True):
+            a.check_finite = flag
+
+
+def _attack_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
     """One unit's records (targeted units attack every sample towards each wrong class)."""
     pos = unit.positions
     x, y, samples = ctx.data.x[pos], ctx.data.y[pos], ctx.data.meta["index"][pos]
@@ -403,6 +427,19 @@ def save_examples(path: Path, res: AttackResult, x: torch.Tensor, model: str, at
 
 
 # --------------------------------------------------------------------------- finish
+def stored_result(store: RunStore) -> EvaluationResult:
+    """A complete run's result read back from its directory (nothing is rewritten)."""
+    from ..report.tables import backend_disagreement, console_table, summarize
+
+    records = read_records(store.root / "records.csv.gz")
+    summary, per_target = summarize(records)
+    names = ("records.csv.gz", "summary.csv", "summary_per_target.csv", "manifest.json")
+    paths = {n.split(".")[0]: store.root / n for n in names if (store.root / n).is_file()}
+    return EvaluationResult(records, summary, per_target, backend_disagreement(summary),
+                            paths=paths, manifest=json.loads(paths["manifest"].read_text()),
+                            table=console_table(summary))
+
+
 def finish(chunks: list[pd.DataFrame], store: RunStore, manifest: dict[str, Any],
            timings: dict[str, float], t_start: float, *, figures: bool) -> EvaluationResult:
     """Records, tables and (with a run directory) the report, manifest and COMPLETE marker."""

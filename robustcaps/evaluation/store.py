@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import RobustcapsError
-from ..utils import atomic_write
+from ..utils import atomic_write, ensure_dir
 from .records import read_chunk
 
 COMPLETE_MARKER = "COMPLETE"
@@ -35,8 +35,9 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """A CSV (gzip-compressed when the name ends in .gz), atomically."""
-    return atomic_write(path, lambda p: df.to_csv(p, index=False,
-                                                  compression="gzip" if path.suffix == ".gz" else None))
+    # mtime 0: the gzip header would otherwise hold the time, and identical runs differ
+    gz = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
+    return atomic_write(path, lambda p: df.to_csv(p, index=False, compression=gz))
 
 
 def now() -> str:
@@ -48,6 +49,7 @@ class RunStore:
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = None if root is None else Path(root)
+        self.complete = False  # set by open(): a resumed run that had already finished
 
     def __bool__(self) -> bool:
         return self.root is not None
@@ -61,13 +63,25 @@ class RunStore:
             raise RobustcapsError(f"--out {self.root} exists and is not a directory")
         if cfg_path.is_file():
             self._check_resume(json.loads(cfg_path.read_text()), identity, resume)
-            (self.root / COMPLETE_MARKER).unlink(missing_ok=True)  # re-finalised at the end
+            self.complete = (self.root / COMPLETE_MARKER).is_file()
             return
         if self.root.is_dir() and any(self.root.iterdir()) and not resume:
             raise RobustcapsError(f"--out {self.root} is not empty; choose a new directory")
-        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
-        (self.root / "examples").mkdir(exist_ok=True)
+        ensure_dir(self.root / "chunks", "--out")
+        ensure_dir(self.root / "examples", "--out")
         write_json(cfg_path, identity)
+
+    def keep_history(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A resumed run keeps its first ``command`` and ``started`` (provenance); each
+        resume is appended to ``resumes``."""
+        path = None if self.root is None else self.root / "manifest.json"
+        if path is None or not path.is_file():
+            return manifest
+        old = json.loads(path.read_text())
+        resumes = [*old.get("resumes", []),
+                   {"command": manifest.get("command"), "started": manifest.get("started")}]
+        return {**manifest, "command": old.get("command"), "started": old.get("started"),
+                "resumes": resumes}
 
     def _check_resume(self, old: dict[str, Any], identity: dict[str, Any], resume: bool) -> None:
         if not resume:
