@@ -47,6 +47,7 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
 
     if not indices and not picks:
         raise click.UsageError("give at least one --index or --pick")
+    out = out_dir(common) or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
     data = load_dataset(dataset, split, data_dir=data_dir, seed=common.seed,
                         progress=not common.quiet)
     check_indices(indices, len(data))  # before the model, whose loading may log warnings
@@ -59,7 +60,6 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
     for outcome in picks:
         chosen.append(pick_sample(adapter.model, x, data.y, outcome, common.batch_size))
         common.echo(f"--pick {outcome}: sample {chosen[-1]}")
-    out = out_dir(common) or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
     res = inspect_routing(adapter.model, x, data.y, chosen, data.class_names, out,
                           label=f"{spec} on {data.name} {split}, ", zoom=zoom, full_bins=bins)
     for path in res.figures + res.csvs:

@@ -9,6 +9,7 @@ done are ``records.csv.gz``, the summaries, figures and the ``COMPLETE`` marker 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -35,6 +36,8 @@ from .config import DEFAULT_TRANSFER_SOURCE, DEFAULT_TRANSFER_TARGETS, Evaluatio
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
 from .records import concat_records, eps_units, read_records, records_from
 from .store import RunStore, now
+
+logger = logging.getLogger(__name__)  # -v: what was loaded and each unit as it finishes
 
 
 @dataclass
@@ -112,7 +115,10 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     models = load_models(config, data, log)
     for a in models.all:
         data = fit_classes(data, a.num_classes, a.name, a.num_classes_from)
+    logger.info("data: %s (%s), %d samples, %d classes (from %s), fingerprint %s", data.name,
+                config.data.split, len(data), data.num_classes, data.classes_from, data.fingerprint)
     identity = run_identity(config, data, models, n_samples)
+    logger.info("models: %s", "; ".join(repr(a) for a in models.all))
     store = RunStore(out.out)
     store.open(identity, out.resume)
     if store.complete:
@@ -341,6 +347,7 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
             df = run_unit(unit, ctx)
             timings[unit.key] = time.perf_counter() - t0
             df = ctx.store.save_chunk(unit.key, df, timings[unit.key])
+            logger.info("unit %s: %d records in %.2f s", unit.key, len(df), timings[unit.key])
         else:
             skipped += 1
         chunks.append(df)

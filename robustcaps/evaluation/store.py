@@ -67,8 +67,9 @@ class RunStore:
             return
         if self.root.is_dir() and any(self.root.iterdir()) and not resume:
             raise RobustcapsError(f"--out {self.root} is not empty; choose a new directory")
-        ensure_dir(self.root / "chunks", "--out")
-        ensure_dir(self.root / "examples", "--out")
+        ensure_dir(self.root, "--out")
+        (self.root / "chunks").mkdir(exist_ok=True)
+        (self.root / "examples").mkdir(exist_ok=True)
         write_json(cfg_path, identity)
 
     def keep_history(self, manifest: dict[str, Any]) -> dict[str, Any]:
