@@ -52,22 +52,31 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
-_handler: logging.Handler | None = None
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+_handler = _StderrHandler()
+_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
 
 def set_verbosity(verbosity: int) -> None:
     """-v: INFO (units, files, data and models as loaded), -vv: DEBUG (also the traceback
     behind a one-line error); default and -q: warnings only."""
-    global _handler
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logger = logging.getLogger("robustcaps")
-    if _handler is not None:
-        logger.removeHandler(_handler)
-    # A handler of our own (not the root's): a fresh stderr for every invocation, and the
-    # root's handlers (pytest's caplog, a host application's) stay as they are.
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(_handler)
+    # Our own handler, not the root's: a host application's or pytest's root handlers stay
+    # as they are.
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
     logger.setLevel(level)
 
 

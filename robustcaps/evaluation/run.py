@@ -338,7 +338,9 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
     chunks: list[pd.DataFrame] = []
     timings = ctx.store.unit_seconds()
     skipped = 0
-    bar = tqdm(units, desc="evaluate", unit="unit", disable=not progress, leave=False)
+    # at -v the per-unit log lines replace the bar (they would garble each other)
+    bar = tqdm(units, desc="evaluate", unit="unit", leave=False,
+               disable=not progress or logger.isEnabledFor(logging.INFO))
     for unit in bar:
         df = ctx.store.load_chunk(unit.key)
         if df is None:
