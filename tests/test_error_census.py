@@ -285,6 +285,7 @@ CASES = [
      "no data"),
     ("inspect-index-out-of-range", cmd("inspect", "routing", "-q", "--index", "99",
                                        "--dataset", "npz:{good}", "--out", "{t}/i"), "outside the data"),
+    ("inspect-seed", cmd("inspect", "routing", "--index", "0", "--seed", "1"), "No such option"),
     ("inspect-out-proc", cmd("inspect", "routing", "-q", "--index", "0", "--dataset", "npz:{good}",
                              "--out", "/proc/robustcaps-x"), "/proc/robustcaps-x"),
 ]

@@ -36,7 +36,7 @@ def command() -> None:
               help="Bins of the full-range figure (Fig. B.2).")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling full-module model files.")
 @common_options(out_help="Output folder (default results/runs/<timestamp>-routing).",
-                batch_default=64)
+                batch_default=64, skip=("seed",))  # every sample is named by its index
 def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
             trust_pickle) -> None:
     """Histograms of vote-to-class-mean distances after every routing iteration, weighted
@@ -48,7 +48,7 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
     if not indices and not picks:
         raise click.UsageError("give at least one --index or --pick")
     out = out_dir(common) or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
-    data = load_dataset(dataset, split, data_dir=data_dir, seed=common.seed,
+    data = load_dataset(dataset, split, data_dir=data_dir,
                         progress=not common.quiet)
     check_indices(indices, len(data))  # before the model, whose loading may log warnings
     adapter = ModelRequest(spec, {"trust_pickle": True} if trust_pickle else {}).load(

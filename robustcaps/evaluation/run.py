@@ -113,12 +113,8 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     seed_everything(config.run.seed)
     data, n_samples = load_data(config, log)
     models = load_models(config, data, log)
-    for a in models.all:
-        data = fit_classes(data, a.num_classes, a.name, a.num_classes_from)
-    logger.info("data: %s (%s), %d samples, %d classes (from %s), fingerprint %s", data.name,
-                config.data.split, len(data), data.num_classes, data.classes_from, data.fingerprint)
+    data = fit_data(data, models)
     identity = run_identity(config, data, models, n_samples)
-    logger.info("models: %s", "; ".join(repr(a) for a in models.all))
     store = RunStore(out.out)
     store.open(identity, out.resume)
     if store.complete:
@@ -207,6 +203,16 @@ def load_models(config: EvaluationConfig, data: Dataset, log: RunLog) -> Models:
     for a in models.all:
         _check_model_shape(a, data)
     return models
+
+
+def fit_data(data: Dataset, models: Models) -> Dataset:
+    """The data with the models' class count (labels alone give only a lower bound)."""
+    for a in models.all:
+        data = fit_classes(data, a.num_classes, a.name, a.num_classes_from)
+    logger.info("data: %s (%s), %d samples, %d classes (from %s), fingerprint %s", data.name,
+                data.split, len(data), data.num_classes, data.classes_from, data.fingerprint)
+    logger.info("models: %s", "; ".join(repr(a) for a in models.all))
+    return data
 
 
 def _resolve(m: Any, defaults: dict[str, Any], options: dict[str, Any],
