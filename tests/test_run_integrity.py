@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from robustcaps.errors import NonFiniteError
 from robustcaps.evaluation import run as engine
 from robustcaps.evaluation.config import parse_eps_range
 from robustcaps.models.adapter import ModelAdapter
+from robustcaps.training.trainer import Trainer
 
 K = 3
 
@@ -290,3 +293,32 @@ def test_identical_runs_give_identical_bytes(tmp_path, npz):
                 *figures]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / "records.csv.gz").read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime 0
+
+
+def test_ctrl_c_during_train_checkpoints_exits_130_and_resumes(tmp_path, monkeypatch):
+    g = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(tmp_path / f"{split}.npz", x=g.standard_normal((32, 1, 32, 32)).astype(np.float32),
+                 y=np.arange(32) % K)
+    out = tmp_path / "m"
+    cmd = ["train", "--model", "cnn", "--dataset", f"npz:{tmp_path / 'train.npz'}",
+           "--test-dataset", f"npz:{tmp_path / 'test.npz'}", "--epochs", "1", "--batch-size", "16",
+           "--arch-kw", "channels=[4, 8]", "--arch-kw", "hidden=16", "--no-multi-crop",
+           "--out", str(out), "-q"]
+    real = Trainer.train_step
+
+    def ctrl_c_at_first_step(self, x, y):
+        if self.global_step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_first_step)
+    res = cli_run(*cmd)
+    assert res.exit_code == 130, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"Interrupted: checkpoint written; continue with the same command plus --resume --out {out}")
+    assert (out / "checkpoints" / "last.pt").is_file() and not (out / "card.json").exists()
+    monkeypatch.setattr(Trainer, "train_step", real)
+    res = cli_run(*cmd, "--resume")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((out / "card.json").read_text())["epochs"] == 1
