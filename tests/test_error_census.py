@@ -9,63 +9,21 @@ models are tiny, so a case that gets as far as an attack still takes well under 
 from __future__ import annotations
 
 import gzip
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from user_models import user_model
 
 from robustcaps.cli import cli
 
 K = 3  # classes of the tiny model and data
 
-MODELS = {
-    "tiny.py": """
-        import torch
-        from torch import nn
-        def build():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
-    """,
-    # NaN only after the probe batch (the adapter's first forward): the case that used to
-    # exit 0 with COMPLETE, NaN counted as prediction 0 and a successful attack.
-    "nan_after_probe.py": """
-        import torch
-        from torch import nn
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(64, 3)
-                self.calls = 0
-            def forward(self, x):
-                self.calls += 1
-                out = self.fc(x.flatten(1))
-                return out if self.calls == 1 else out * float("nan")
-        def build():
-            return Net()
-    """,
-    "raises_mid_attack.py": """
-        import torch
-        from torch import nn
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(64, 3)
-                self.calls = 0
-            def forward(self, x):
-                self.calls += 1
-                if self.calls > 1:
-                    raise RuntimeError("boom in forward")
-                return self.fc(x.flatten(1))
-        def build():
-            return Net()
-    """,
-    "raises_at_load.py": """
-        def build():
-            raise ImportError("no such backbone")
-    """,
-}
+RAISES_AT_LOAD = """
+def build():
+    raise ImportError("no such backbone")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +50,10 @@ def w(tmp_path_factory) -> dict[str, Path]:
     paths["text"].write_text("x,y\n1,2\n")
     paths["file"] = d / "regular_file"
     paths["file"].write_text("not a folder\n")
-    for name, source in MODELS.items():
-        (d / name).write_text(textwrap.dedent(source))
-        paths[name.removesuffix(".py")] = d / name
+    for name, fail in (("tiny", ""), ("nan_after_probe", "nan"), ("raises_mid_attack", "raise")):
+        paths[name] = Path(user_model(d, fail, K, f"{name}.py").rsplit(":", 1)[0])
+    paths["raises_at_load"] = d / "raises_at_load.py"
+    paths["raises_at_load"].write_text(RAISES_AT_LOAD)
     paths["complete"] = _complete_run(d / "complete", paths)
     paths["unfinished"] = d / "unfinished"
     (paths["unfinished"] / "chunks").mkdir(parents=True)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import textwrap
 from pathlib import Path
 
 import click
@@ -18,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from user_models import user_model
 
 import robustcaps
 from robustcaps.cli import cli, run_click_main
@@ -36,51 +36,6 @@ def npz(tmp_path) -> Path:
     path = tmp_path / "d.npz"
     np.savez(path, x=g.standard_normal((12, 1, 8, 8)).astype(np.float32), y=np.arange(12) % K)
     return path
-
-
-def model_file(tmp_path: Path, body: str, name: str = "net.py") -> str:
-    (tmp_path / name).write_text(textwrap.dedent(body))
-    return f"{tmp_path / name}:build"
-
-
-TINY = """
-    import torch
-    from torch import nn
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, {k}))
-"""
-NAN_AFTER_PROBE = """
-    import torch
-    from torch import nn
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(64, 3)
-            self.calls = 0
-        def forward(self, x):
-            self.calls += 1
-            out = self.fc(x.flatten(1))
-            return out if self.calls == 1 else out * float("nan")
-    def build():
-        return Net()
-"""
-RAISES = """
-    import torch
-    from torch import nn
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(64, 3)
-            self.calls = 0
-        def forward(self, x):
-            self.calls += 1
-            if self.calls > 1:
-                raise RuntimeError("boom in forward")
-            return self.fc(x.flatten(1))
-    def build():
-        return Net()
-"""
 
 
 def cli_run(*args: str):
@@ -104,7 +59,7 @@ def digest(folder: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- NaN / exceptions
 def test_nan_after_probe_stops_the_run_and_counts_nothing(tmp_path, npz):
     out = tmp_path / "run"
-    res = cli_run(*evaluate_args(npz, model_file(tmp_path, NAN_AFTER_PROBE), out, "--both"))
+    res = cli_run(*evaluate_args(npz, user_model(tmp_path, "nan"), out, "--both"))
     assert res.exit_code == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "NaN or Inf scores for 12 of 12 inputs during attack bim" in errors[0]
@@ -142,7 +97,7 @@ def test_nan_gradients_stop_every_backend(backend):
 
 
 def test_model_raising_mid_attack_is_one_line_and_traceback_at_debug(tmp_path, npz):
-    spec = model_file(tmp_path, RAISES)
+    spec = user_model(tmp_path, "raise")
     res = cli_run(*evaluate_args(npz, spec, tmp_path / "run"))
     assert res.exit_code == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
@@ -157,13 +112,13 @@ def test_model_raising_mid_attack_is_one_line_and_traceback_at_debug(tmp_path, n
 
 
 def test_verbose_logs_data_models_and_units(tmp_path, npz):
-    res = cli_run(*loud(evaluate_args(npz, model_file(tmp_path, TINY.format(k=K)),
+    res = cli_run(*loud(evaluate_args(npz, user_model(tmp_path, k=K),
                                       tmp_path / "run")), "--no-figures", "-v")
     assert res.exit_code == 0, res.stderr
     info = [line for line in res.stderr.splitlines() if line.startswith("INFO")]
     assert any("3 classes (from the largest label + 1)" in line for line in info)
     assert any("unit bim__" in line and "36 records" in line for line in info)
-    quiet = cli_run(*evaluate_args(npz, model_file(tmp_path, TINY.format(k=K)), tmp_path / "q"),
+    quiet = cli_run(*evaluate_args(npz, user_model(tmp_path, k=K), tmp_path / "q"),
                     "--no-figures")
     assert "INFO" not in quiet.stderr
 
@@ -175,7 +130,7 @@ def test_class_absent_from_the_file_takes_the_models_count(tmp_path):
     np.savez(path, x=g.standard_normal((8, 1, 8, 8)).astype(np.float32), y=np.arange(8) % 4)
     out = tmp_path / "run"
     res = cli_run("evaluate", "--attack", "fgsm", "--targeted", "--dataset", f"npz:{path}",
-                  "--model", model_file(tmp_path, TINY.format(k=5)), "--epsilons", "0,0.2",
+                  "--model", user_model(tmp_path, k=5), "--epsilons", "0,0.2",
                   "--out", str(out), "-q", "--no-figures")
     assert res.exit_code == 0, res.stderr
     rec = pd.read_csv(out / "records.csv.gz")
@@ -190,11 +145,12 @@ def test_class_names_decide_the_count(tmp_path):
     g = np.random.default_rng(1)
     np.savez(path, x=g.standard_normal((8, 1, 8, 8)).astype(np.float32), y=np.arange(8) % 4,
              class_names=np.array(["a", "b", "c", "d"]))
-    res = cli_run("evaluate", "--attack", "fgsm", "--dataset", f"npz:{path}", "--model",
-                  model_file(tmp_path, TINY.format(k=5)), "--out", str(tmp_path / "r"), "-q")
+    spec = user_model(tmp_path, k=5)
+    res = cli_run("evaluate", "--attack", "fgsm", "--dataset", f"npz:{path}", "--model", spec,
+                  "--out", str(tmp_path / "r"), "-q")
     assert res.exit_code == 2
     assert res.stderr.strip() == (
-        f"Error: model '{tmp_path / 'net.py'}:build' has 5 classes (its scores on a probe batch) "
+        f"Error: model {spec!r} has 5 classes (its scores on a probe batch) "
         f"but dataset 'npz:{path}' has 4 (from 'class_names' in {path})")
 
 
@@ -202,7 +158,7 @@ def test_class_names_decide_the_count(tmp_path):
 @pytest.fixture
 def complete_run(tmp_path, npz) -> Path:
     out = tmp_path / "run"
-    res = cli_run(*evaluate_args(npz, model_file(tmp_path, TINY.format(k=K)), out))
+    res = cli_run(*evaluate_args(npz, user_model(tmp_path, k=K), out))
     assert res.exit_code == 0, res.stderr
     return out
 
@@ -227,7 +183,7 @@ def test_resuming_a_complete_run_says_so_and_rewrites_nothing(complete_run):
 
 
 def test_resume_keeps_command_and_started(tmp_path, npz, monkeypatch):
-    spec = model_file(tmp_path, TINY.format(k=K))
+    spec = user_model(tmp_path, k=K)
     out = tmp_path / "cut"
     real, calls = engine.run_unit, []
 
@@ -271,7 +227,7 @@ def test_eps_range_includes_stop(tmp_path, npz):
     assert parse_eps_range("0.1:0.1:1") == [0.1]
     assert parse_eps_range("0:0.5:0.05") == pytest.approx(list(np.arange(11) * 0.05))
     res = cli_run("evaluate", "--attack", "fgsm", "--dataset", f"npz:{npz}", "--model",
-                  model_file(tmp_path, TINY.format(k=K)), "--eps-range", "0:0.5:0.3",
+                  user_model(tmp_path, k=K), "--eps-range", "0:0.5:0.3",
                   "--out", str(tmp_path / "r"), "-q", "--no-figures")
     assert res.exit_code == 0, res.stderr
     assert sorted(pd.read_csv(tmp_path / "r" / "summary.csv")["epsilon"]) == [0.0, 0.3, 0.5]
@@ -279,7 +235,7 @@ def test_eps_range_includes_stop(tmp_path, npz):
 
 # --------------------------------------------------------------------------- reproducibility
 def test_identical_runs_give_identical_bytes(tmp_path, npz):
-    spec = model_file(tmp_path, TINY.format(k=K))
+    spec = user_model(tmp_path, k=K)
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
