@@ -179,6 +179,10 @@ def test_resuming_a_complete_run_says_so_and_rewrites_nothing(complete_run):
     res = CliRunner().invoke(cli, ["evaluate", "--resume", "--out", str(complete_run)])
     assert res.exit_code == 0, res.stderr
     assert f"{complete_run} is already complete: nothing to resume" in res.stdout
+    stored = robustcaps.evaluate(resume=True, out=complete_run, progress=False)
+    assert stored.summary["accuracy"].tolist() == \
+        pd.read_csv(complete_run / "summary.csv")["accuracy"].tolist()
+    assert len(stored.records) == 12 * 3 and stored.manifest["status"] == "complete"
     assert digest(complete_run) == before
 
 
