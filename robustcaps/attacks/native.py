@@ -192,6 +192,9 @@ def _concat(parts: list[AttackResult]) -> AttackResult:
     for key in ("forwards", "backwards"):
         if key in info:
             info[key] = sum(p.info.get(key, 0) for p in parts)
+    for key in ("sample_forwards", "sample_backwards"):  # (E, N) per-sample costs
+        if key in info:
+            info[key] = np.concatenate([p.info[key] for p in parts], axis=1)
     return AttackResult(
         attack=p0.attack, backend=p0.backend, targeted=p0.targeted, epsilons=p0.epsilons,
         y=cat([p.y for p in parts]),
