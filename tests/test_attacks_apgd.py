@@ -206,3 +206,17 @@ def test_torchattacks_wrappers_refuse_what_they_cannot_do(mlp, data):
 def test_bad_settings(kwargs):
     with pytest.raises(RobustcapsError):
         APGD(**kwargs)
+
+
+def test_bench_compare_iterative(mlp, data):
+    from robustcaps.bench.attacks import compare_iterative
+
+    x, y = data
+    res = compare_iterative(mlp, x, y, [0.1, 0.2], pgd_steps=10, apgd_steps=10)
+    assert set(res) == {"epsilons", "pgd", "apgd-ce", "apgd-dlr", "apgd-t"}
+    for name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
+        row = res[name]
+        assert row["native_s"] > 0 and row["torchattacks_s"] > 0
+        assert row["speedup_vs_torchattacks"] == pytest.approx(row["torchattacks_s"] / row["native_s"])
+        assert len(row["native_adv_acc"]) == 2
+        assert abs(row["native_acc_minus_torchattacks_max"]) <= 0.1  # same attack, other starts

@@ -333,6 +333,33 @@ class FoolboxBIM(_FoolboxAttack):
         return cls(abs_stepsize=alpha, steps=self.steps, random_start=False)
 
 
+class TorchattacksPGD(_TorchattacksAttack):
+    """``torchattacks.PGD`` (L-inf) or ``PGDL2`` with a random start, once per epsilon; step
+    ``alpha`` as native PGD (default ``2.5 * eps / steps``). CE only: torchattacks' loss."""
+
+    name = "pgd"
+
+    def __init__(self, *, norm: str = "linf", steps: int = 50, step_size: float | None = None,
+                 batch_size: int | None = None) -> None:
+        from .sweep import check_norm
+
+        super().__init__(batch_size=batch_size)
+        self.norm = check_norm(norm)
+        self.steps, self.step_size = check_bim_settings(steps, step_size)
+
+    def params(self) -> dict[str, Any]:
+        return {"loss": "ce", "norm": self.norm, "steps": self.steps, "step_size": self.step_size}
+
+    def _attack(self, adapter, x, labels, epsilon, eps, targeted) -> torch.Tensor:
+        return super()._attack(adapter, x, labels, epsilon, eps, targeted).detach()
+
+    def _make(self, module, eps_u, loss_fn, epsilon):
+        alpha = self.step_size if self.step_size is not None else 2.5 * epsilon / self.steps
+        cls = _torchattacks().PGD if self.norm == "linf" else _torchattacks().PGDL2
+        return cls(module, eps=eps_u, alpha=alpha / module.scale, steps=self.steps,
+                   random_start=True)
+
+
 class _TorchattacksAPGDBase(_TorchattacksAttack):
     """Shared settings of the torchattacks APGD wrappers (untargeted only: torchattacks'
     APGD ignores the targeted mode, and its APGDT is untargeted by success criterion)."""
