@@ -179,3 +179,14 @@ def test_l2_start_is_uniform_in_the_ball():
 def test_bad_settings(kwargs):
     with pytest.raises(RobustcapsError):
         PGD(**kwargs)
+
+
+def test_bim_reports_per_sample_costs(mlp, data):
+    x, y = data
+    res = BIM(steps=6).run(mlp, x, y, [0.0, 0.1, 0.3])
+    bw, fw = res.info["sample_backwards"], res.info["sample_forwards"]
+    assert bw.shape == (3, 120) and bw[0].sum() == 0 and bw.max() <= 6
+    # the batched counts are at least the busiest sample's
+    assert res.info["backwards"] >= bw.sum(axis=0).max() and fw.sum() > bw.sum()
+    split = BIM(steps=6, batch_size=50).run(mlp, x, y, [0.0, 0.1, 0.3])
+    assert np.array_equal(split.info["sample_backwards"], bw)
