@@ -21,6 +21,11 @@ for L-inf, L2 norm for L2).
 
 A run costs ``steps`` forward+backward passes plus one forward (the last iterate needs no
 gradient) per sample still attacked.
+
+For an unbounded sanity check (a huge eps) prefer ``loss="cw"``: a random start far out
+in the ball can land where the softmax saturates and the float32 CE gradient is exactly
+zero (measured on the tests' fitted MLP at eps 100: PGD-CE left 7.5% unfooled, the
+CW margin 0%).
 """
 
 from __future__ import annotations
