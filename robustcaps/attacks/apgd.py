@@ -250,47 +250,55 @@ class _APGDRun:
         return project_ball(x, self.x0[act], self.eps, self.atk.norm, self.b.adapter.bounds)
 
     def run(self) -> RunOutcome:
-        atk, m = self.atk, self.m
+        steps = self.atk.steps
         xa = self.atk._start(self.b, self.rows, self.eps, self.run_no, "autoattack")
-        all_ = torch.arange(m, device=xa.device)
-        loss, grad = self._observe(0, all_, xa, need_grad=True)
+        loss, grad = self._observe(0, torch.arange(self.m, device=xa.device), xa, need_grad=True)
         # The highest-loss point (where halving restarts from) is tracked apart from the
         # kept output: the output freezes at the first success, the search does not.
-        x_best, loss_best, grad_best = xa.clone(), loss.clone(), grad.clone()
-        history = [loss.clone()]
-        eta = torch.full((m,), 2.0 * self.eps, dtype=xa.dtype, device=xa.device)
+        self.x_best, self.loss_best, self.grad_best = xa.clone(), loss.clone(), grad.clone()
+        self.history = [loss.clone()]
+        self.eta = torch.full((self.m,), 2.0 * self.eps, dtype=xa.dtype, device=xa.device)
+        self.gap, self.since, self.last_best = checkpoint_gaps(steps)[0], 0, loss.clone()
+        self.reduced = torch.ones(self.m, dtype=torch.bool, device=xa.device)
         x_old = xa.clone()
-        gap, decrease, min_gap = checkpoint_gaps(atk.steps)
-        since, last_best = 0, loss_best.clone()
-        reduced = torch.ones(m, dtype=torch.bool, device=xa.device)
-        for i in range(atk.steps):
+        for i in range(steps):
             act = self._active()
             if act.numel() == 0:
                 break
             with torch.no_grad():
-                new = self._step(xa[act], x_old[act], grad[act], eta[act], act, 1.0 if i == 0 else MOMENTUM)
-                x_old[act] = xa[act]
-                xa[act] = new
-            last = i == atk.steps - 1
+                new = self._step(xa[act], x_old[act], grad[act], self.eta[act], act,
+                                 1.0 if i == 0 else MOMENTUM)
+                x_old[act], xa[act] = xa[act], new
+            last = i == steps - 1
             loss, g = self._observe(i + 1, act, xa[act], need_grad=not last)
             if g is not None:
                 grad[act] = g
-            cur = history[-1].clone()
-            cur[act] = loss
-            history.append(cur)
-            up = loss > loss_best[act]
-            t = act[up]
-            x_best[t], loss_best[t] = xa[t], loss[up]
-            if g is not None:
-                grad_best[t] = g[up]
-            since += 1
-            if since == gap and not last:
-                halve = self._checkpoint(history, gap, loss_best, last_best, reduced)
-                reduced, last_best = halve, loss_best.clone()
-                eta[halve] /= 2.0
-                xa[halve], grad[halve] = x_best[halve], grad_best[halve]
-                gap, since = max(gap - decrease, min_gap), 0
+            self._record(act, xa, loss, g)
+            self.since += 1
+            if self.since == self.gap and not last:
+                self._halve(xa, grad)
         return RunOutcome(self.keep_x, self.keep_pred, self.keep_loss, self.done)
+
+    def _record(self, act, xa, loss, g) -> None:
+        """Loss history (for the oscillation count) and the highest-loss point."""
+        cur = self.history[-1].clone()
+        cur[act] = loss
+        self.history.append(cur)
+        up = loss > self.loss_best[act]
+        t = act[up]
+        self.x_best[t], self.loss_best[t] = xa[t], loss[up]
+        if g is not None:
+            self.grad_best[t] = g[up]
+
+    def _halve(self, xa, grad) -> None:
+        """A checkpoint: halve the step of the samples that need it and send them back to
+        their best point; the next gap is shorter."""
+        halve = self._checkpoint(self.history, self.gap, self.loss_best, self.last_best, self.reduced)
+        self.reduced, self.last_best = halve, self.loss_best.clone()
+        self.eta[halve] /= 2.0
+        xa[halve], grad[halve] = self.x_best[halve], self.grad_best[halve]
+        _, decrease, min_gap = checkpoint_gaps(self.atk.steps)
+        self.gap, self.since = max(self.gap - decrease, min_gap), 0
 
     def _step(self, x, x_prev, grad, eta, act, a) -> torch.Tensor:
         view = eta.view(-1, *([1] * (x.ndim - 1)))
