@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RobustcapsError
-from .em_routing import ClassCaps, ConvCaps, PrimaryCaps
+from .em_routing import ROUTING_PRESETS, ClassCaps, ConvCaps, PrimaryCaps, routing_preset
 from .registry import register_model
 
 
@@ -78,8 +78,13 @@ class CapsNet(nn.Module):
         pose: str = "matrix",
         final_lambda: float = 0.01,
         compile_routing: bool = False,
+        routing: str = "paper",
     ) -> None:
         super().__init__()
+        if routing not in ROUTING_PRESETS:
+            raise RobustcapsError(f"routing must be one of {sorted(ROUTING_PRESETS)}, "
+                                  f"got {routing!r}")
+        preset = routing_preset(routing)
         if pose not in ("matrix", "vector"):
             raise RobustcapsError(f"pose must be 'matrix' or 'vector', got {pose!r}")
         if not isinstance(iterations, int) or not 1 <= iterations <= 10:
@@ -96,13 +101,35 @@ class CapsNet(nn.Module):
             )
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, (h, w)
         self.pose, self.iterations, self.coord_add = pose, iterations, coord_add
+        self.routing = routing
         self.conv1 = nn.Conv2d(in_channels, A, kernel_size=5, stride=2)
-        self.primary = PrimaryCaps(A, B)
+        self.primary = PrimaryCaps(A, B, logit_offset=preset.primary_offset)
         kw: dict[str, Any] = dict(iterations=iterations, pose=pose, final_lambda=final_lambda,
-                                  compile_routing=compile_routing)
+                                  compile_routing=compile_routing, routing=routing)
         self.convcaps1 = ConvCaps(B, C, 3, 2, **kw)
         self.convcaps2 = ConvCaps(C, D, 3, 1, **kw)
         self.classcaps = ClassCaps(D, num_classes, coord_add=coord_add, **kw)
+        if preset.init == "authors":
+            self._authors_init(B)
+
+    @torch.no_grad()
+    def _authors_init(self, B: int) -> None:
+        """Truncated normals (cut at 2 std, as ``tf.truncated_normal_initializer``) with the
+        released code's standard deviations: conv1 0.05, bias 0.1 (simple_model.py
+        ``add_convs``, utils.py ``bias_variable``); primary poses 0.5, primary activations
+        3.0, no bias (em_layers.py ``primary_caps``); conv capsule transforms 0.3
+        (``conv_capsule_mat``), class transforms 0.01 (``connector_capsule_mat``)."""
+        def tn(w: torch.Tensor, std: float) -> None:
+            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+        tn(self.conv1.weight, 0.05)
+        self.conv1.bias.fill_(0.1)
+        tn(self.primary.conv.weight[: 16 * B], 0.5)
+        tn(self.primary.conv.weight[16 * B:], 3.0)
+        self.primary.conv.bias.zero_()
+        tn(self.convcaps1.weight, 0.3)
+        tn(self.convcaps2.weight, 0.3)
+        tn(self.classcaps.weight, 0.01)
     @staticmethod
     def _sizes(h: int, w: int) -> list[tuple[int, int]]:
         """Spatial sizes after conv1, convcaps1, convcaps2."""
@@ -118,8 +145,14 @@ class CapsNet(nn.Module):
         8 + 4p; the pixel centre (+0.5) is divided by the input height/width, into [0, 1].
         """
         ho, wo = self._sizes(h, w)[-1]
-        rows = (8 + 4 * torch.arange(ho, dtype=torch.float64) + 0.5) / h
-        cols = (8 + 4 * torch.arange(wo, dtype=torch.float64) + 0.5) / w
+        if routing_preset(self.routing).coord == "authors":
+            # simple_model.py add_convs/conv_pos: pixel index minus (size // 2), / 100,
+            # averaged over the receptive field (= its centre pixel, 8 + 4p)
+            rows = (8 + 4 * torch.arange(ho, dtype=torch.float64) - h // 2) / 100.0
+            cols = (8 + 4 * torch.arange(wo, dtype=torch.float64) - w // 2) / 100.0
+        else:
+            rows = (8 + 4 * torch.arange(ho, dtype=torch.float64) + 0.5) / h
+            cols = (8 + 4 * torch.arange(wo, dtype=torch.float64) + 0.5) / w
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
         return grid.to(device=device, dtype=dtype)
 

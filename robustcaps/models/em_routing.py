@@ -154,9 +154,19 @@ MASS_EPS = 1e-8
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def lambda_schedule(iterations: int, final_lambda: float = 0.01) -> list[float]:
-    """Inverse temperatures for iterations ``0..T-1``: a linear ramp ending at ``final_lambda``."""
-    return [final_lambda * (t + 1) / iterations for t in range(iterations)]
+def lambda_schedule(iterations: int, final_lambda: float = 0.01,
+                    schedule: str = "linear") -> list[float]:
+    """Inverse temperatures for iterations ``0..T-1``.
+
+    ``"linear"`` (preset ``paper``): a ramp ending at ``final_lambda``;
+    ``"authors"``: ``final_lambda * (1 - 0.95^(t + 1))`` (capsule_em/em_layers.py,
+    ``update_conv_routing`` and ``update_em_routing``), which does not depend on T.
+    """
+    if schedule == "linear":
+        return [final_lambda * (t + 1) / iterations for t in range(iterations)]
+    if schedule == "authors":
+        return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+    raise ValueError(f"schedule must be 'linear' or 'authors', got {schedule!r}")
 
 
 @dataclass
@@ -178,12 +188,25 @@ class Fold:
     Slots are ``(L, KK, B)`` with ``B`` innermost; ``index`` (L*KK,) maps a slot's spatial
     part to a child position in ``[0, n_pos)``; ``count`` (L*KK,) is how many windows
     contain that child position.
+
+    ``per_type`` (routing preset ``authors``): a child's assignments are normalised over
+    the windows that contain it separately for each parent type (types never compete
+    for a child; capsule_em/em_layers.py ``update_conv_routing`` sums ``prior_exp`` over
+    the overlapping patches per ``output_dim``), instead of over every (window, type).
+    ``initial``: Procedure 1's first assignment, ``"parents"`` ``1 / |parents(i)|``
+    (paper), ``"types"`` ``1 / C`` (the authors' softmax over parent types of zeros) or
+    ``"windows"`` ``1 / (number of windows containing i)`` (uniform for the per-type
+    normaliser).
     """
 
-    def __init__(self, index: torch.Tensor, n_pos: int, types: int) -> None:
+    def __init__(self, index: torch.Tensor, n_pos: int, types: int, *, per_type: bool = False,
+                 initial: str = "parents") -> None:
+        if initial not in ("parents", "types", "windows"):
+            raise ValueError(f"initial must be 'parents', 'types' or 'windows', got {initial!r}")
         self.index = index
         self.n_pos = n_pos
         self.types = types
+        self.per_type, self.initial = per_type, initial
         counts = torch.bincount(index, minlength=n_pos)
         self.count = counts[index]
         self.n_covered = int((counts > 0).sum()) * types
@@ -194,13 +217,43 @@ class Fold:
         new = Fold.__new__(Fold)
         new.index, new.count = self.index.to(device), self.count.to(device)
         new.n_pos, new.types, new.n_covered = self.n_pos, self.types, self.n_covered
+        new.per_type, new.initial = self.per_type, self.initial
         return new
+
+
+def _type_index(fold: Fold, L: int, C: int) -> torch.Tensor:
+    """(L*C*KK,) index of the per-type fold: slot (l, c, kk) -> ``c * n_pos + child position``,
+    so (n, L, C, J) folds per parent type with ONE index_add over its (L, C, KK) rows, in
+    place, without a transposed copy. Cached on the fold per C."""
+    cache = fold.__dict__.setdefault("_type_index", {})
+    if C not in cache:
+        pos = fold.index.reshape(L, 1, -1)
+        types = torch.arange(C, device=pos.device).reshape(1, C, 1) * fold.n_pos
+        cache[C] = (pos + types).reshape(-1)
+    return cache[C]
+
+
+def _per_type_fold(x: torch.Tensor, fold: Fold, reduce: str) -> torch.Tensor:
+    """x (n, L, C, J) -> (n, L, C, J): the sum (or max) of x over the slots holding the same
+    child for the same parent type, broadcast back to those slots."""
+    n, L, C, J = x.shape
+    b = fold.types
+    idx = _type_index(fold, L, C)
+    rows = x.reshape(n, -1, b)  # (n, L*C*KK, B)
+    if reduce == "sum":
+        acc = rows.new_zeros((n, C * fold.n_pos, b)).index_add_(1, idx, rows)
+    else:
+        acc = rows.new_full((n, C * fold.n_pos, b), -math.inf)
+        acc.scatter_reduce_(1, idx.reshape(1, -1, 1).expand_as(rows), rows, "amax")
+    return acc.index_select(1, idx).reshape(n, L, C, J)
 
 
 def _child_shift(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """(n, L, 1, J): each child's largest term of z (n, L, C, J) over every parent it feeds
     (over the parent types at its position, then, with ``fold``, over all its slots)."""
     n, L, C, J = z.shape
+    if fold is not None and fold.per_type:  # (n, L, C, J): per child and parent type
+        return _per_type_fold(z, fold, "amax")
     shift = z.amax(2)  # (n, L, J)
     if fold is not None:
         b = fold.types
@@ -226,12 +279,14 @@ def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
 
 
 def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
-    """Procedure 1 line 2: (1, L, 1, J) (or (1, 1, 1, J)) uniform over each child's parents."""
+    """Procedure 1 line 2: (1, L, 1, J) (or (1, 1, 1, J)) uniform over each child's parents
+    (or as ``fold.initial`` says)."""
     _, L, C, J, _ = votes.shape
-    if fold is None:
+    if fold is None or fold.initial == "types":
         return votes.new_full((1, 1, 1, J), 1.0 / C)
     cnt = fold.count.to(votes.dtype).reshape(1, L, 1, -1, 1)
-    return (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
+    per = 1.0 / cnt if fold.initial == "windows" else 1.0 / (C * cnt)
+    return per.expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
 
 
 def _reference_mean(votes: torch.Tensor, rw0: torch.Tensor) -> torch.Tensor:
@@ -381,8 +436,11 @@ def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """Per-child sum over every parent the child feeds, broadcast back to its slots.
 
     x: (n, L, C, J) -> (n, L, 1, J) (sum over parent types, then, with ``fold``, over every
-    slot the child occupies).
+    slot the child occupies); with a per-type fold (n, L, C, J), the sum over the slots the
+    child occupies for each parent type separately.
     """
+    if fold is not None and fold.per_type:
+        return _per_type_fold(x, fold, "sum")
     total = x.sum(2)  # (n, L, J)
     if fold is not None:
         n, L, J = total.shape
@@ -816,7 +874,7 @@ class _EMRouting(torch.autograd.Function):
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None,
-            u_bytes: int, use_native: bool = False) -> _Config:
+            u_bytes: int, use_native: bool = False, schedule: str = "linear") -> _Config:
     """u_bytes: size of one sample's ``U``; use_native: route with the native passes."""
     if chunk is None:
         if device.type == "cpu":
@@ -828,7 +886,8 @@ def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             chunk = min(chunk, -(-n // threads))
         else:
             chunk = n
-    return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
+    return _Config(tuple(lambda_schedule(iterations, final_lambda, schedule)), fold,
+                   float(data_scale),
                    float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled(),
                    use_native)
 
@@ -845,6 +904,7 @@ def em_routing(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
+    schedule: str = "linear",
 ) -> RoutingResult:
     """EM routing between one pair of capsule layers (vectorised Procedure 1).
 
@@ -859,12 +919,13 @@ def em_routing(
         data_scale: kappa of the module docstring (amount of data normaliser).
         chunk: samples routed together (cache blocking); None: ``CPU_CHUNK_BYTES`` on the CPU,
             the whole batch elsewhere. Results do not depend on it.
+        schedule: the lambda schedule (:func:`lambda_schedule`).
 
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
     n, L, C, J, H = votes.shape
     cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * C * J * 2 * H * votes.element_size(), native.usable(votes))
+                  L * C * J * 2 * H * votes.element_size(), native.usable(votes), schedule)
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
@@ -895,6 +956,7 @@ def em_routing_slots(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
+    schedule: str = "linear",
 ) -> RoutingResult:
     """:func:`em_routing` of the votes ``votes[:, :, :, j] = (pt[j] @ wm[j]).view(.., C, 16)``
     without ever holding them (or their gradient) for the whole batch: each chunk's votes
@@ -910,7 +972,7 @@ def em_routing_slots(
     """
     J, n, L, _ = pt.shape
     cfg = _config(n, pt.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt))
+                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt), schedule)
     mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
@@ -926,6 +988,7 @@ def em_routing_autograd(
     fold: Fold | None = None,
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
+    schedule: str = "linear",
 ) -> RoutingResult:
     """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
     backward, no chunking): what ``torch.compile`` traces. Same arguments and results."""
@@ -937,7 +1000,8 @@ def em_routing_autograd(
     V = votes.reshape(m, J, H)
     dv = V - c
     U = torch.cat((dv, dv * dv), -1)
-    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u,
+                           lambda_schedule(iterations, final_lambda, schedule),
                            fold, data_scale, var_floor, (n, L, C, J))
     return RoutingResult(poses=mu, logits=logits, R=R)
 
@@ -977,6 +1041,65 @@ def routing_function(compiled: bool = False):
     return _COMPILED["fn"]
 
 
+# ---------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class RoutingPreset:
+    """The routing choices of a capsule network (``CapsNet(routing=...)``); see
+    :data:`ROUTING_PRESETS` and "Routing presets" in the module docstring.
+
+    per_type, initial: the convolutional E-step normaliser and first assignment (:class:`Fold`);
+    schedule, lambda_scale, class_lambda: layer lambdas ``lambda_scale * final_lambda``
+    (times ``class_lambda`` in the class layer) on :func:`lambda_schedule`'s ``schedule``;
+    beta_a_scale, beta_u_scale: the routing sees ``scale * parameter``; beta_a_init,
+    beta_u_init: (conv, class) initial parameter values; var_floor: added to every
+    variance; data_scale: divide the mass by kappa (False: raw masses); coord: Coordinate
+    Addition ``"unit"`` (centre / image size on vote elements 3, 7) or ``"authors"``
+    (offset from the image centre / 100 on elements 0, 1); init: ``"paper"`` or
+    ``"authors"`` weight initialisation (:meth:`CapsNet.__init__`); primary_offset: added to
+    the primary capsules' activation logits.
+    """
+
+    name: str
+    per_type: bool = False
+    initial: str = "parents"
+    schedule: str = "linear"
+    lambda_scale: float = 1.0
+    class_lambda: float = 1.0
+    beta_a_scale: float = 1.0
+    beta_u_scale: float = 1.0
+    beta_a_init: tuple[float, float] = (0.0, 0.0)
+    beta_u_init: tuple[float, float] = (0.0, 0.0)
+    var_floor: float = VAR_FLOOR
+    data_scale: bool = True
+    coord: str = "unit"
+    init: str = "paper"
+    primary_offset: float = 0.0
+
+
+ROUTING_PRESETS: dict[str, RoutingPreset] = {
+    # Procedure 1 and Section 4 as written, with the constants of this docstring.
+    "paper": RoutingPreset("paper"),
+    # The released code (google-research capsule_em); see "Routing presets".
+    "authors": RoutingPreset(
+        "authors", per_type=True, initial="types", schedule="authors", lambda_scale=2.0,
+        class_lambda=0.25, beta_a_scale=2500.0, beta_u_scale=0.5 * (LOG_2PI + 1.0),
+        beta_a_init=(-0.5, -1.0), beta_u_init=(0.5, 2.0), var_floor=5e-4, data_scale=False,
+        coord="authors", init="authors", primary_offset=-1.0),
+    # Mixed: the authors' per-type normaliser with everything else as ``paper`` (kappa
+    # counts the C-fold mass a per-type normaliser hands out; first assignment uniform
+    # over a child's windows).
+    "pertype": RoutingPreset("pertype", per_type=True, initial="windows"),
+}
+
+
+def routing_preset(name: str | RoutingPreset) -> RoutingPreset:
+    if isinstance(name, RoutingPreset):
+        return name
+    if name not in ROUTING_PRESETS:
+        raise ValueError(f"routing must be one of {sorted(ROUTING_PRESETS)}, got {name!r}")
+    return ROUTING_PRESETS[name]
+
+
 # ---------------------------------------------------------------------------- layers
 def _pose_dims(pose: str) -> tuple[int, int, int]:
     """(rows, inner, cols) of one vote product: matrix (4, 4, 4), vector (1, 16, 16)."""
@@ -1012,12 +1135,21 @@ def _vote_matrix(w: torch.Tensor, pose: str) -> torch.Tensor:
     return w.permute(0, 3, 1, 2).reshape(g, 16, c * 16)  # [t, (c, h)]
 
 
+def _scaled_betas(layer: nn.Module, ps: RoutingPreset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The biases the routing sees: ``scale * parameter`` (the parameters themselves at
+    scale 1, so preset ``paper`` is today's computation exactly)."""
+    ba = layer.beta_a if ps.beta_a_scale == 1 else layer.beta_a * ps.beta_a_scale
+    bu = layer.beta_u if ps.beta_u_scale == 1 else layer.beta_u * ps.beta_u_scale
+    return ba, bu
+
+
 class PrimaryCaps(nn.Module):
     """1x1 convolution: (N, A, H, W) -> poses (N, H, W, B, 16), activation logits (N, H, W, B)."""
 
-    def __init__(self, in_channels: int, types: int) -> None:
+    def __init__(self, in_channels: int, types: int, logit_offset: float = 0.0) -> None:
         super().__init__()
         self.types = types
+        self.logit_offset = logit_offset  # authors: sigmoid(x - 1) (em_layers.py primary_caps)
         self.conv = nn.Conv2d(in_channels, types * 17, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1025,6 +1157,8 @@ class PrimaryCaps(nn.Module):
         y = self.conv(x).permute(0, 2, 3, 1)  # (N, H, W, 17B)
         poses = y[..., : 16 * self.types].reshape(n, h, w, self.types, 16)
         logits = y[..., 16 * self.types :]
+        if self.logit_offset:
+            logits = logits + self.logit_offset
         return poses, logits
 
 
@@ -1047,17 +1181,19 @@ class ConvCaps(nn.Module):
         pose: str = "matrix",
         final_lambda: float = 0.01,
         compile_routing: bool = False,
+        routing: str | RoutingPreset = "paper",
     ) -> None:
         super().__init__()
         self.compile_routing = compile_routing
+        self.preset = routing_preset(routing)
         rows, inner, cols = _pose_dims(pose)
         self.B, self.C, self.K, self.stride = in_types, out_types, kernel, stride
         self.iterations, self.pose, self.final_lambda = iterations, pose, final_lambda
         shape = (kernel * kernel * in_types, out_types, 4, 4) if pose == "matrix" else (
             kernel * kernel * in_types, out_types, 16, 16)
         self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
-        self.beta_a = nn.Parameter(torch.zeros(out_types))
-        self.beta_u = nn.Parameter(torch.zeros(out_types))
+        self.beta_a = nn.Parameter(torch.full((out_types,), self.preset.beta_a_init[0]))
+        self.beta_u = nn.Parameter(torch.full((out_types,), self.preset.beta_u_init[0]))
         self._folds: dict[tuple, Fold] = {}
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
@@ -1072,7 +1208,8 @@ class ConvCaps(nn.Module):
             rows = (torch.arange(ho)[:, None] * self.stride + k)  # (Ho, K)
             cols = (torch.arange(wo)[:, None] * self.stride + k)  # (Wo, K)
             idx = rows[:, None, :, None] * w + cols[None, :, None, :]  # (Ho, Wo, K, K)
-            self._folds[key] = Fold(idx.reshape(-1), h * w, self.B).to(device)
+            self._folds[key] = Fold(idx.reshape(-1), h * w, self.B, per_type=self.preset.per_type,
+                                    initial=self.preset.initial).to(device)
         return self._folds[key]
 
     def forward(
@@ -1087,17 +1224,20 @@ class ConvCaps(nn.Module):
         pt = poses.reshape(n, h * w, b, 16).index_select(1, fold.index)  # (N, L*KK, B, 16)
         pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
         a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
-        kw = dict(iterations=self.iterations, final_lambda=self.final_lambda, fold=fold,
-                  data_scale=fold.n_covered / (L * self.C))
+        ps = self.preset
+        # kappa: a per-type normaliser hands out C times the mass (1 per type and child)
+        kappa = fold.n_covered / (L * (1 if ps.per_type else self.C))
+        kw = dict(iterations=self.iterations, final_lambda=ps.lambda_scale * self.final_lambda,
+                  fold=fold, data_scale=kappa if ps.data_scale else 1.0,
+                  var_floor=ps.var_floor, schedule=ps.schedule)
+        ba, bu = _scaled_betas(self, ps)
         if return_all or self.compile_routing:
             # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has
             # rows N*L*C*16 apart, which bmm and the routing read in place.
             votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
-            res = routing_function(self.compile_routing)(votes, a_in, self.beta_a,
-                                                         self.beta_u, **kw)
+            res = routing_function(self.compile_routing)(votes, a_in, ba, bu, **kw)
         else:  # votes made per sample chunk inside the routing, never for the whole batch
-            res = em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in,
-                                   self.beta_a, self.beta_u, **kw)
+            res = em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in, ba, bu, **kw)
         out = {
             "poses": res.poses.reshape(n, ho, wo, self.C, 16),
             "logits": res.logits.reshape(n, ho, wo, self.C),
@@ -1126,9 +1266,13 @@ class ClassCaps(nn.Module):
         coord_add: bool = True,
         final_lambda: float = 0.01,
         compile_routing: bool = False,
+        routing: str | RoutingPreset = "paper",
     ) -> None:
         super().__init__()
         self.compile_routing = compile_routing
+        self.preset = routing_preset(routing)
+        # vote elements that receive the (row, column) coordinates
+        self.coord_elements = (0, 1) if self.preset.coord == "authors" else (3, 7)
         _, inner, _ = _pose_dims(pose)
         self.D, self.E = in_types, num_classes
         self.iterations, self.pose, self.coord_add = iterations, pose, coord_add
@@ -1136,8 +1280,8 @@ class ClassCaps(nn.Module):
         shape = (in_types, num_classes, 4, 4) if pose == "matrix" else (
             in_types, num_classes, 16, 16)
         self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
-        self.beta_a = nn.Parameter(torch.zeros(num_classes))
-        self.beta_u = nn.Parameter(torch.zeros(num_classes))
+        self.beta_a = nn.Parameter(torch.full((num_classes,), self.preset.beta_a_init[1]))
+        self.beta_u = nn.Parameter(torch.full((num_classes,), self.preset.beta_u_init[1]))
 
     def forward(
         self, poses: torch.Tensor, a: torch.Tensor, coords: torch.Tensor, return_all: bool = False
@@ -1150,14 +1294,18 @@ class ClassCaps(nn.Module):
         votes = votes.permute(1, 3, 2, 0, 4)  # (N, E, HW, D, 16)
         if self.coord_add:
             add = coords.new_zeros(hw, 1, 16)
-            add[:, 0, 3] = coords.reshape(hw, 2)[:, 0]
-            add[:, 0, 7] = coords.reshape(hw, 2)[:, 1]
+            add[:, 0, self.coord_elements[0]] = coords.reshape(hw, 2)[:, 0]
+            add[:, 0, self.coord_elements[1]] = coords.reshape(hw, 2)[:, 1]
             votes = votes + add
         votes = votes.reshape(n, 1, self.E, hw * d, 16).contiguous()
         a_in = a.reshape(n, 1, hw * d)
+        ps = self.preset
+        ba, bu = _scaled_betas(self, ps)
         res = routing_function(self.compile_routing)(
-            votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
-            final_lambda=self.final_lambda, fold=None, data_scale=hw * d / self.E,
+            votes, a_in, ba, bu, iterations=self.iterations,
+            final_lambda=ps.lambda_scale * ps.class_lambda * self.final_lambda, fold=None,
+            data_scale=hw * d / self.E if ps.data_scale else 1.0, var_floor=ps.var_floor,
+            schedule=ps.schedule,
         )
         out = {"poses": res.poses.reshape(n, self.E, 16), "logits": res.logits.reshape(n, self.E)}
         if return_all:
