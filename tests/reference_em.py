@@ -32,7 +32,8 @@ def vote(m: torch.Tensor, w: torch.Tensor, pose: str) -> torch.Tensor:
 
 
 def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
-          per_type=False, initial="parents", lambdas=None, var_floor=VAR_FLOOR, kappa=None):
+          per_type=False, initial="parents", lambdas=None, var_floor=VAR_FLOOR, kappa=None,
+          hold=None):
     """Procedure 1 on an explicit bipartite graph.
 
     children: {child: activation (scalar tensor)}; parents: list of (parent, type);
@@ -40,7 +41,8 @@ def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
     per_type: each child's E-step normaliser runs over its parents of one type at a time;
     initial: "parents" 1/|parents(i)|, "types" 1/(number of types), "windows"
     1/|parents(i) of one type|; lambdas: explicit schedule (default: the linear ramp);
-    kappa: data normaliser (default: children fed / parents).
+    kappa: data normaliser (default: children fed / parents); hold: "all" makes every
+    M-step read the assignments as constants (detached: BPDA), "last" only the final one.
     """
     parents_of: dict = {}
     children_of: dict = {}
@@ -61,6 +63,8 @@ def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
     mu, logit = {}, {}
     for t, lam in enumerate(lambdas):
         var = {}
+        if hold == "all" or (hold == "last" and t == len(lambdas) - 1):
+            R = {e: r.detach() if torch.is_tensor(r) else r for e, r in R.items()}
         for j, c in parents:  # M-step, one parent at a time
             rw = {i: R[(i, j)] * children[i] for i in children_of[j]}
             mass = sum(rw.values())

@@ -130,6 +130,11 @@ class CapsNet(nn.Module):
         tn(self.convcaps1.weight, 0.3)
         tn(self.convcaps2.weight, 0.3)
         tn(self.classcaps.weight, 0.01)
+    def routing_layers(self) -> dict[str, nn.Module]:
+        """The layers that route, by the names ``forward(return_all=True)`` uses: for
+        ``em_routing.routing_surrogate(mode, layers=...)``."""
+        return {"conv1": self.convcaps1, "conv2": self.convcaps2, "class": self.classcaps}
+
     @staticmethod
     def _sizes(h: int, w: int) -> list[tuple[int, int]]:
         """Spatial sizes after conv1, convcaps1, convcaps2."""

@@ -135,10 +135,12 @@ Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimensio
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -344,6 +346,7 @@ def _route(
     data_scale: float,
     var_floor: float,
     shape: tuple[int, int, int, int],
+    hold: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1 on the centred moments ``U`` (m, J, 2H) of the votes V (m, J, H) about
     the constant ``c`` (m, 1, H).
@@ -359,6 +362,8 @@ def _route(
     the first rebuilds U about the current means (still constants for autograd, so the
     algebra and the gradients are unchanged), branch-free for ``torch.compile``; the
     eager :func:`_forward_chunk` re-centres only past ``RECENTRE_RATIO``.
+    hold: ``"all"`` uses every assignment as a constant for autograd (BPDA), ``"last"`` only
+    the one the final M-step uses (see :func:`routing_surrogate`); the values are unchanged.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
     """
     n, L, C, J = shape
@@ -376,6 +381,8 @@ def _route(
 
     for t, lam in enumerate(lambdas):
         # ---- M-step: one bmm per parent for both moments
+        if hold == "all" or (hold == "last" and t == len(lambdas) - 1):
+            R = R.detach()
         rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
         mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
         denom = mass + MASS_EPS
@@ -989,9 +996,11 @@ def em_routing_autograd(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     schedule: str = "linear",
+    hold: str | None = None,
 ) -> RoutingResult:
     """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
-    backward, no chunking): what ``torch.compile`` traces. Same arguments and results."""
+    backward, no chunking): what ``torch.compile`` traces. Same arguments and results.
+    ``hold`` (``"all"``/``"last"``): assignments as constants for autograd (BPDA)."""
     n, L, C, J, H = votes.shape
     m = n * L * C
     R0 = _initial_R(votes, fold)
@@ -1002,8 +1011,131 @@ def em_routing_autograd(
     U = torch.cat((dv, dv * dv), -1)
     mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u,
                            lambda_schedule(iterations, final_lambda, schedule),
-                           fold, data_scale, var_floor, (n, L, C, J))
+                           fold, data_scale, var_floor, (n, L, C, J), hold)
     return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+def em_routing_uniform(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    *,
+    iterations: int = 3,
+    final_lambda: float = 0.01,
+    fold: Fold | None = None,
+    data_scale: float = 1.0,
+    var_floor: float = VAR_FLOOR,
+    schedule: str = "linear",
+) -> RoutingResult:
+    """The ``"uniform"`` surrogate of :func:`em_routing` (same arguments): ONE M-step with
+    the initial assignment ``R0`` (Procedure 1 line 2, or the preset's), i.e. each parent's
+    pose is the activation-weighted average of its votes, and its logit
+    ``lambda_T (beta_a - (H beta_u + sum_h log sigma_h) mass / data_scale)`` with the LAST
+    lambda of the schedule (the scale of the true routing's output). No E-step, so it is
+    smooth in the votes; an ordinary autograd graph."""
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    R0 = _initial_R(votes, fold)
+    a = a_in[:, :, None, :]
+    c = _reference_mean(votes, (R0 * a).detach())
+    V = votes.reshape(m, J, H)
+    dv = V - c
+    U = torch.cat((dv, dv * dv), -1)
+    lam = lambda_schedule(iterations, final_lambda, schedule)[-1]
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, [lam], fold, data_scale,
+                           var_floor, (n, L, C, J))
+    return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+# ---------------------------------------------------------------------------- surrogates
+SURROGATE_MODES = ("exact", "bpda", "bpda-last", "uniform")
+_SURROGATES: contextvars.ContextVar[tuple[tuple[str, frozenset[int] | None], ...]] = (
+    contextvars.ContextVar("robustcaps_routing_surrogates", default=()))
+
+
+def _routing_layers(layers: Iterable[nn.Module] | nn.Module | None) -> frozenset[int] | None:
+    """ids of the routing layers (ConvCaps/ClassCaps) in ``layers`` (modules, or networks
+    whose routing layers are all meant); None: every layer."""
+    if layers is None:
+        return None
+    if isinstance(layers, nn.Module):
+        layers = [layers]
+    ids: set[int] = set()
+    for mod in layers:
+        found = [x for x in mod.modules() if isinstance(x, (ConvCaps, ClassCaps))]
+        if not found:
+            raise ValueError(f"{type(mod).__name__} holds no capsule routing layer")
+        ids.update(id(x) for x in found)
+    return frozenset(ids)
+
+
+@contextlib.contextmanager
+def routing_surrogate(mode: str = "bpda",
+                      layers: Iterable[nn.Module] | nn.Module | None = None) -> Iterator[None]:
+    """Route the capsule layers of any robustcaps capsule network through a surrogate
+    inside the ``with`` block (for capsule-aware attacks; the default is the exact routing).
+
+    mode:
+      ``"bpda"``: the forward is the true routing (bit for bit); the backward treats every
+        assignment ``R`` as a constant, so gradients flow through the votes, means,
+        variances and activations of the M-steps but not through R's dependence on them.
+      ``"bpda-last"``: only the assignment of the final M-step is a constant. (The final
+        M-step sees the earlier iterations only through that assignment, so with these
+        presets its gradient equals ``"bpda"``'s; both are kept as named, tested modes.)
+      ``"uniform"``: each chosen layer's routing is replaced by ONE M-step with the
+        uniform initial assignment (:func:`em_routing_uniform`): votes averaged with the
+        child activations as weights, the activation computed from that M-step. A
+        different, differentiable forward.
+      ``"exact"``: the true routing (to switch chosen layers back inside an outer block).
+    layers: capsule layers (``ConvCaps``/``ClassCaps`` modules), or modules containing them
+      (e.g. the network: every layer); None: every capsule layer. ``CapsNet.routing_layers()``
+      names them (``"conv1"``, ``"conv2"``, ``"class"``).
+
+    Blocks nest; for each layer the innermost block that covers it decides. Thread- and
+    async-safe (a ``contextvars`` variable). The surrogate forwards run the routing as one
+    plain autograd graph (:func:`em_routing_autograd`), slower than the exact routing.
+
+    Example: ``with routing_surrogate("bpda"): grad = torch.autograd.grad(loss(model(x)), x)``
+    """
+    if mode not in SURROGATE_MODES:
+        raise ValueError(f"mode must be one of {SURROGATE_MODES}, got {mode!r}")
+    token = _SURROGATES.set(_SURROGATES.get() + ((mode, _routing_layers(layers)),))
+    try:
+        yield
+    finally:
+        _SURROGATES.reset(token)
+
+
+def surrogate_mode(layer: nn.Module) -> str:
+    """The routing mode in force for ``layer`` (``"exact"`` outside any surrogate block)."""
+    for mode, ids in reversed(_SURROGATES.get()):
+        if ids is None or id(layer) in ids:
+            return mode
+    return "exact"
+
+
+def _with_surrogate(layer: nn.Module, exact: Callable[[], RoutingResult],
+                    votes: Callable[[], torch.Tensor], a_in: torch.Tensor, ba: torch.Tensor,
+                    bu: torch.Tensor, kw: dict) -> RoutingResult:
+    """``exact()`` (the layer's true routing) or, inside :func:`routing_surrogate`, its
+    surrogate for ``layer``; ``votes()`` makes the (N, L, C, J, H) votes."""
+    mode = surrogate_mode(layer)
+    if mode == "exact":
+        return exact()
+    if mode == "uniform":
+        return em_routing_uniform(votes(), a_in, ba, bu, **kw)
+    with torch.no_grad():  # the true forward, values only
+        true = exact()
+    s = em_routing_autograd(votes(), a_in, ba, bu, hold="all" if mode == "bpda" else "last",
+                            **kw)
+    # value: exactly the true routing's (x + (s - s) == x); gradient: the held surrogate's
+
+    def bpda(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + (y - y.detach())
+
+    return RoutingResult(bpda(true.poses, s.poses), bpda(true.logits, s.logits),
+                         bpda(true.R, s.R))
 
 
 _COMPILED: dict[str, object] = {}
@@ -1231,19 +1363,30 @@ class ConvCaps(nn.Module):
                   fold=fold, data_scale=kappa if ps.data_scale else 1.0,
                   var_floor=ps.var_floor, schedule=ps.schedule)
         ba, bu = _scaled_betas(self, ps)
-        if return_all or self.compile_routing:
+        votes = None
+
+        def make_votes() -> torch.Tensor:
             # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has
             # rows N*L*C*16 apart, which bmm and the routing read in place.
-            votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
-            res = routing_function(self.compile_routing)(votes, a_in, ba, bu, **kw)
-        else:  # votes made per sample chunk inside the routing, never for the whole batch
-            res = em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in, ba, bu, **kw)
+            nonlocal votes
+            if votes is None:
+                votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
+            return votes
+
+        def exact() -> RoutingResult:
+            if return_all or self.compile_routing:
+                return routing_function(self.compile_routing)(make_votes(), a_in, ba, bu, **kw)
+            # votes made per sample chunk inside the routing, never for the whole batch
+            return em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in, ba, bu,
+                                    **kw)
+
+        res = _with_surrogate(self, exact, make_votes, a_in, ba, bu, kw)
         out = {
             "poses": res.poses.reshape(n, ho, wo, self.C, 16),
             "logits": res.logits.reshape(n, ho, wo, self.C),
         }
         if return_all:
-            out["votes"] = votes.reshape(n, ho, wo, self.C, self.K, self.K, b, 16)
+            out["votes"] = make_votes().reshape(n, ho, wo, self.C, self.K, self.K, b, 16)
             out["R"] = res.R.reshape(n, ho, wo, self.C, self.K, self.K, b)
         return out
 
@@ -1301,12 +1444,13 @@ class ClassCaps(nn.Module):
         a_in = a.reshape(n, 1, hw * d)
         ps = self.preset
         ba, bu = _scaled_betas(self, ps)
-        res = routing_function(self.compile_routing)(
-            votes, a_in, ba, bu, iterations=self.iterations,
-            final_lambda=ps.lambda_scale * ps.class_lambda * self.final_lambda, fold=None,
-            data_scale=hw * d / self.E if ps.data_scale else 1.0, var_floor=ps.var_floor,
-            schedule=ps.schedule,
-        )
+        kw = dict(iterations=self.iterations,
+                  final_lambda=ps.lambda_scale * ps.class_lambda * self.final_lambda, fold=None,
+                  data_scale=hw * d / self.E if ps.data_scale else 1.0, var_floor=ps.var_floor,
+                  schedule=ps.schedule)
+        res = _with_surrogate(
+            self, lambda: routing_function(self.compile_routing)(votes, a_in, ba, bu, **kw),
+            lambda: votes, a_in, ba, bu, kw)
         out = {"poses": res.poses.reshape(n, self.E, 16), "logits": res.logits.reshape(n, self.E)}
         if return_all:
             out["votes"] = votes.reshape(n, self.E, h, w, d, 16)
