@@ -131,6 +131,50 @@ Pose ``"vector"`` (Table 1 ablation): a 16-vector pose with a full 16x16 transfo
     (at 16x the transformation parameters).
 Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimension (4 for
     matrices, 16 for vectors), so a vote has the scale of the child pose.
+
+Routing presets (``CapsNet(routing=...)``, ``--arch-kw routing=...``, on the model card)
+----------------------------------------------------------------------------------------
+``paper`` (the default; every zoo checkpoint trained before it existed): everything above,
+bit for bit. ``authors``: the choices of the authors' released code (google-research,
+folder ``capsule_em``; each constant checked there):
+
+- E-step normaliser per parent type (:class:`Fold` ``per_type``): ``em_layers.py``
+  ``update_conv_routing`` divides ``prior_exp`` by its sum over the overlapping patches
+  for each ``output_dim`` separately, so types never compete for a child; the class layer
+  (``update_em_routing``) takes a softmax over the classes, as here. The first assignment
+  is ``1 / C`` (a softmax over the types of zeros), ``initial="types"``.
+- Logit ``beta (masses (-sum_h log var_h - 16 (ln 2 pi + 1) sigma_bias) - 5000 act_bias)``
+  (``update_conv_routing``/``update_em_routing``). That cost sums log variances where
+  Procedure 1's sums log sigmas, so it is Procedure 1's logit with lambda ``2 beta``,
+  ``beta_a = 2500 x`` the parameter and ``beta_u = (ln 2 pi + 1) / 2 x`` the parameter per
+  pose element (the ``authors`` preset's ``lambda_scale``, ``beta_a_scale``,
+  ``beta_u_scale``; the parameter sign is Procedure 1's: ``beta_a`` is minus the authors'
+  activation bias). Initial values (``conv_capsule_mat``, ``connector_capsule_mat``):
+  activation bias 0.5 (conv) / 1.0 (class), sigma bias 0.5 / 2.0.
+- Lambda ``final_beta (1 - 0.95^(t + 1))``, ``final_beta`` 0.01 (``experiment.py`` flag),
+  divided by 4 in the class layer (``connector_capsule_mat``); no kappa (raw masses).
+- Variance floor ``min_var = 5e-4`` (both layer functions).
+- Initial standard deviations (truncated normals, ``utils.py`` ``weight_variable``): conv1
+  0.05, bias 0.1 (``simple_model.py``); primary poses 0.5, activations 3.0, no bias
+  (``em_layers.py`` ``primary_caps``); conv-capsule transforms 0.3, class transforms 0.01.
+- Primary activations ``sigmoid(x - 1)`` (``primary_caps``).
+- Coordinate addition: the receptive-field centre's pixel offset from the image centre,
+  / 100 (``simple_model.py`` ``add_convs``/``conv_pos``), on vote elements 0 and 1
+  (``connector_capsule_mat`` concatenates the grid in front of zeros).
+
+Not in the preset (left as ``paper``): the means smoothed as ``0.9 new + 0.1 old`` with the
+variance taken about the smoothed centre (it would change the native kernels' M-step and
+the hand-written backward); the mass epsilons (1e-7 conv, 1e-5 class; here 1e-8); and the
+training recipe (``layers.py``: spread-loss margin ``0.2 + 0.79 sigmoid(min(10, step / 50000
+- 4))``; ``utils.py``: weight decay 2e-7; Adam 3e-3 decayed 0.96 every 20k steps, batch 64),
+which ``robustcaps train`` keeps as Section 5 describes.
+
+``pertype`` (mixed): the per-type normaliser with everything else as ``paper`` (kappa
+counts the C-fold mass a per-type normaliser hands out, the first assignment is uniform
+over a child's windows). Which trains best: the table in :mod:`robustcaps.models.capsnet`.
+
+Surrogates for attacks: :func:`routing_surrogate` (``"bpda"``, ``"bpda-last"``,
+``"uniform"``), on any capsule network robustcaps builds.
 """
 
 from __future__ import annotations
@@ -458,8 +502,12 @@ def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     return total[:, :, None, :]
 
 
-def _normalise_(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
-    """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage."""
+def _normalise_(z: torch.Tensor, fold: Fold | None, use_native: bool = False) -> torch.Tensor:
+    """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage.
+    ``use_native``: the per-type normaliser as one native kernel (three passes over z; the
+    torch ops below fold C times more data than the paper's normaliser, 5x its time)."""
+    if use_native and fold is not None and fold.per_type:
+        return native.norm_type_(z, fold.index, fold.n_pos, fold.types)
     z.sub_(_child_shift(z, fold)).exp_()
     return z.div_(_fold_sum(z, fold))
 
@@ -542,7 +590,7 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
         e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J)
         const = -0.5 * (d * d * inv).sum(-1) - sls - 0.5 * H * LOG_2PI  # (m, 1)
         z = e.view(m, J).add_(const).view(n, L, C, J).add_(F.logsigmoid(logits)[..., None])
-        R = _normalise_(z, fold)
+        R = _normalise_(z, fold, cfg.native)
     if R is None:
         R = R0.expand(n, L, C, J)
     return mu.view(n, L, C, H), logits, R
@@ -580,7 +628,7 @@ def _forward_chunk_native(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch
                                o["w"].view(m, 1, 2 * H) if t != last else None))
         if t == last:
             break
-        R = _normalise_(o["z"].view(n, L, C, J), fold)
+        R = _normalise_(o["z"].view(n, L, C, J), fold, True)
         rows, rdiv, A = R.view(m, J), 1, a_flat
         c0 = (c + d).view(m, H)
     if R is None:
@@ -694,8 +742,13 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         R_t, prev = st.R, steps[t - 1]
         Ut = use(prev.c)
         g_e = left[:, k : k + 1]  # (m, 1, J)
-        g_z = torch.mul(gR_t - _fold_sum(gR_t * R_t, fold), R_t,
-                        out=left[:, k].view(n, L, C, J))  # (n, L, C, J)
+        if nat and fold is not None and fold.per_type:
+            g_z = native.norm_type_grad(gR_t.contiguous(), R_t.contiguous(),
+                                        left[:, k].view(n, L, C, J), fold.index, fold.n_pos,
+                                        fold.types)
+        else:
+            g_z = torch.mul(gR_t - _fold_sum(gR_t * R_t, fold), R_t,
+                            out=left[:, k].view(n, L, C, J))  # (n, L, C, J)
         right[:, k] = prev.w[:, 0]
         k += 1
         g_const = g_z.sum(-1)  # (n, L, C)

@@ -45,6 +45,8 @@ _SIGNATURES = {
     "rc_iteration": [_P, _L, _L, _L, _L, _P, _L, _L, _P, _L, _P, _L, _P, _P,
                      ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
                      ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "rc_norm_type": [_P, _L, _L, _L, _L, _L, _L, _P, _L, _P, _I],
+    "rc_norm_type_grad": [_P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _P, _L, _P],
 }
 
 
@@ -265,4 +267,42 @@ def iteration(V: torch.Tensor, R: torch.Tensor, c0: torch.Tensor | None, *, rdiv
         float(data_scale), float(var_floor), float(eps), float(ratio),
         *(o[k].data_ptr() for k in ("c", "S", "mass", "d", "var", "q", "sls", "logit")),
         _ptr(o.get("w")), _ptr(o.get("z")))
+    return out
+
+
+def _type_groups(z: torch.Tensor, index: torch.Tensor, B: int) -> tuple[int, int, int, int, int]:
+    n, L, C, J = z.shape
+    assert index.dtype == torch.int64 and index.is_contiguous() and index.numel() * B == L * J
+    return n, L, C, J // B, B
+
+
+def norm_type_(z: torch.Tensor, index: torch.Tensor, n_pos: int, B: int) -> torch.Tensor:
+    """The per-type E-step normaliser in place (``rc_norm_type``, with torch's vectorised
+    exp between its two stages): z (n, L, C, J = KK*B) with unit stride along J and rows of
+    parents ``(s, l, c)`` at one stride; ``index`` (L*KK,) int64 child positions. Returns
+    z, now the assignments R."""
+    n, L, C, KK, B = _type_groups(z, index, B)
+    assert z.stride(3) == 1 and z.stride(2) * C == z.stride(1) and (n == 1 or z.stride(0) == L * z.stride(1))
+    work = z.new_empty(C * n_pos * B)
+    fn = _fn("rc_norm_type", z)
+    args = (z.data_ptr(), z.stride(2), n, L, C, KK, B, index.data_ptr(), n_pos, work.data_ptr())
+    fn(*args, 0)
+    z.exp_()
+    fn(*args, 1)
+    return z
+
+
+def norm_type_grad(gR: torch.Tensor, R: torch.Tensor, out: torch.Tensor, index: torch.Tensor,
+                   n_pos: int, B: int) -> torch.Tensor:
+    """``out = R (gR - per-type fold sum of R gR)`` (``rc_norm_type_grad``): the gradient of
+    the E-step terms z from that of R. gR, R contiguous (n, L, C, J); out (n, L, C, J) with
+    unit stride along J and parent rows at one stride."""
+    n, L, C, KK, B = _type_groups(R, index, B)
+    assert gR.is_contiguous() and R.is_contiguous() and gR.shape == R.shape == out.shape
+    assert out.stride(3) == 1 and out.stride(2) * C == out.stride(1) and (n == 1 or out.stride(0) == L * out.stride(1))
+    _check_rows(R.new_empty(1, 1, 16), gR, out)
+    work = R.new_empty(C * n_pos * B)
+    _fn("rc_norm_type_grad", R)(gR.data_ptr(), R.data_ptr(), R.shape[3], out.data_ptr(),
+                                out.stride(2), n, L, C, KK, B, index.data_ptr(), n_pos,
+                                work.data_ptr())
     return out

@@ -247,6 +247,80 @@ void F(rc_vgrad)(const T *V, long sm, long sj, long M, long J, long K,
     }
 }
 
+/* Per-type E-step normaliser (routing preset "authors"), in place, in two stages with a
+ * vectorised exp between them (a scalar exp here cost 2x the rest): z rows are parents
+ * m = (s L + l) C + c (row stride sz), each row J = KK * B slots (kernel offset kk, child
+ * type b innermost); idx[l KK + kk] is the child position of slot (l, kk). For every
+ * sample s, parent type c, child position p and child type b, the slots holding that
+ * child for that type form a group.
+ *   stage 0: z -= the group's max  (so exp(z) <= 1 and each group's sum >= 1; the shift
+ *            cancels exactly)
+ *   stage 1: z /= the group's sum  (z holding exp(z - max) by then)
+ * work: C n_pos B scratch elements. */
+void F(rc_norm_type)(T *z, long sz, long n, long L, long C, long KK, long B,
+                     const long long *idx, long n_pos, T *work, int stage) {
+    long G = C * n_pos * B;
+    const T init = stage ? (T)0 : -(T)INFINITY;
+    for (long s = 0; s < n; s++) {
+        for (long g = 0; g < G; g++) work[g] = init;
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                const T *row = z + ((s * L + l) * C + c) * sz;
+                for (long kk = 0; kk < KK; kk++) {
+                    T *grp = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    const T *x = row + kk * B;
+                    if (stage)
+                        for (long b = 0; b < B; b++) grp[b] += x[b];
+                    else
+                        for (long b = 0; b < B; b++) grp[b] = x[b] > grp[b] ? x[b] : grp[b];
+                }
+            }
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                T *row = z + ((s * L + l) * C + c) * sz;
+                for (long kk = 0; kk < KK; kk++) {
+                    const T *grp = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    T *x = row + kk * B;
+                    if (stage)
+                        for (long b = 0; b < B; b++) x[b] /= grp[b];
+                    else
+                        for (long b = 0; b < B; b++) x[b] -= grp[b];
+                }
+            }
+    }
+}
+
+/* Backward of rc_norm_type: out = R (gR - sum_group R gR), the groups as there.
+ * gR, R: rows of stride sr; out: rows of stride so (may be neither). work: C n_pos B. */
+void F(rc_norm_type_grad)(const T *gR, const T *R, long sr, T *out, long so, long n, long L,
+                          long C, long KK, long B, const long long *idx, long n_pos,
+                          T *work) {
+    long G = C * n_pos * B;
+    for (long s = 0; s < n; s++) {
+        for (long g = 0; g < G; g++) work[g] = 0;
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                long m = (s * L + l) * C + c;
+                const T *gr = gR + m * sr, *r = R + m * sr;
+                for (long kk = 0; kk < KK; kk++) {
+                    T *acc = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    for (long b = 0; b < B; b++) acc[b] += r[kk * B + b] * gr[kk * B + b];
+                }
+            }
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                long m = (s * L + l) * C + c;
+                const T *gr = gR + m * sr, *r = R + m * sr;
+                T *o = out + m * so;
+                for (long kk = 0; kk < KK; kk++) {
+                    const T *acc = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    for (long b = 0; b < B; b++)
+                        o[kk * B + b] = r[kk * B + b] * (gr[kk * B + b] - acc[b]);
+                }
+            }
+    }
+}
+
 #undef SHUF
 #undef VEC
 #undef LD
