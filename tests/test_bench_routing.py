@@ -36,3 +36,12 @@ def test_cli_json_names_the_native_passes_when_built():
     row = rows[0]
     assert row["passes"] == ("native" if native.library() is not None else "torch")
     assert row["model"] == "capsnet-small" and row["batch_size"] == 2
+
+
+def test_rows_report_cpu_seconds_per_preset():
+    rows = benchmark_routing(("capsnet-small",), "cpu", batch_size=2, iterations=2, repeats=1,
+                             threads=1, routings=("paper", "authors"))
+    assert [r["routing"] for r in rows] == ["paper", "authors"]
+    for r in rows:
+        for key in ("forward", "forward_backward"):
+            assert 0 < r[f"{key}_cpu_s_per_batch"] < 60

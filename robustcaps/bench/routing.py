@@ -21,7 +21,9 @@ the same machine. ``cpu`` names the processor.
 Threads: with ``threads > 1`` the routing runs a layer's sample chunks on that many threads
 (``em_routing.CHUNK_THREADS``); ``--intra-op`` measures the alternative, every op split over
 torch's intra-op threads. ``load_avg_1m`` (``os.getloadavg``, at the start of each row) says
-how busy the machine was: on a shared CPU compare figures only at similar load.
+how busy the machine was: on a shared CPU compare figures only at similar load, or compare
+``*_cpu_s_per_batch`` (the least CPU time of the process over the runs), which the load
+hardly moves.
 
 Routing presets (``CapsNet(routing=...)``): every configuration is measured with each of
 ``routings`` (default ``paper`` and ``authors``, one after the other in the same run, so
@@ -206,20 +208,24 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
-            times = []
+            times, cpu_times = [], []
             with _PeakMemory(dev) as mem:
                 t0 = time.perf_counter()
                 fn()  # warm-up (allocator, caches; compilation with --compile)
                 _sync(dev)
                 row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 2)
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
             med = statistics.median(times)
             row[f"{key}_img_s"] = round(batch_size / med, 2)
             row[f"{key}_s_per_batch"] = round(med, 4)
+            # CPU seconds of this process (all its threads): on a shared, loaded CPU the
+            # cost of a configuration, where wall-clock figures swing with the load
+            row[f"{key}_cpu_s_per_batch"] = round(min(cpu_times), 4)
             row[f"{key}_peak_mem_mb"] = round(max(mem.peak, 0) / 2**20, 1)
             row["memory_method"] = mem.method
         rows.append(row)
@@ -274,10 +280,12 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
                f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
     click.echo(f"CPU: {rows[0]['cpu']} ({rows[0]['cpu_count']} logical cores)")
     header = (f"{'model':<14} {'routing':<8} {'device':<7} {'thr':>3} {'passes':<6} {'params':>8} {'fwd img/s':>10} "
-              f"{'fwd MB':>8} {'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5}")
+              f"{'fwd MB':>8} {'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5} "
+              f"{'fwd CPU s':>9} {'f+b CPU s':>9}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
         click.echo(f"{r['model']:<14} {r['routing']:<8} {r['device']:<7} {r['threads']:>3} {r['passes']:<6} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
                    f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
-                   f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f}")
+                   f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f} "
+                   f"{r['forward_cpu_s_per_batch']:>9.3f} {r['forward_backward_cpu_s_per_batch']:>9.3f}")
