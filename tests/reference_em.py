@@ -33,7 +33,7 @@ def vote(m: torch.Tensor, w: torch.Tensor, pose: str) -> torch.Tensor:
 
 def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
           per_type=False, initial="parents", lambdas=None, var_floor=VAR_FLOOR, kappa=None,
-          hold=None):
+          hold=None, smooth=1.0):
     """Procedure 1 on an explicit bipartite graph.
 
     children: {child: activation (scalar tensor)}; parents: list of (parent, type);
@@ -42,7 +42,9 @@ def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
     initial: "parents" 1/|parents(i)|, "types" 1/(number of types), "windows"
     1/|parents(i) of one type|; lambdas: explicit schedule (default: the linear ramp);
     kappa: data normaliser (default: children fed / parents); hold: "all" makes every
-    M-step read the assignments as constants (detached: BPDA), "last" only the final one.
+    M-step read the assignments as constants (detached: BPDA), "last" only the final one;
+    smooth: each parent's centre is smooth * (weighted mean) + (1 - smooth) * (its previous
+    centre, 0 before the first M-step), the variance and the E-step taken about it.
     """
     parents_of: dict = {}
     children_of: dict = {}
@@ -61,6 +63,7 @@ def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
     if lambdas is None:
         lambdas = [final_lambda * (t + 1) / iterations for t in range(iterations)]
     mu, logit = {}, {}
+    centre = {j: 0.0 for j, _ in parents}
     for t, lam in enumerate(lambdas):
         var = {}
         if hold == "all" or (hold == "last" and t == len(lambdas) - 1):
@@ -68,7 +71,8 @@ def route(children, parents, edges, iterations, final_lambda, beta_a, beta_u, *,
         for j, c in parents:  # M-step, one parent at a time
             rw = {i: R[(i, j)] * children[i] for i in children_of[j]}
             mass = sum(rw.values())
-            mu[j] = sum(rw[i] * edges[(i, j)] for i in children_of[j]) / (mass + MASS_EPS)
+            mean = sum(rw[i] * edges[(i, j)] for i in children_of[j]) / (mass + MASS_EPS)
+            mu[j] = centre[j] = smooth * mean + (1 - smooth) * centre[j]
             var[j] = sum(rw[i] * (edges[(i, j)] - mu[j]) ** 2 for i in children_of[j]) / (
                 mass + MASS_EPS) + var_floor
             cost = ((beta_u[c] + 0.5 * torch.log(var[j])) * (mass / kappa)).sum()
@@ -170,7 +174,7 @@ def _authors_lambdas(final, iterations):
 
 def capsnet_forward(model, x):
     """Reference logits (N, E) of a robustcaps CapsNet, using its parameters and its
-    routing preset (``model.routing``: "paper", "authors" or "pertype")."""
+    routing preset (``model.routing``: "paper", "authors", "authors-smooth" or "pertype")."""
     preset = getattr(model, "routing", "paper")
     feat = F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias, stride=2))
     y = F.conv2d(feat, model.primary.conv.weight, model.primary.conv.bias)
@@ -178,16 +182,17 @@ def capsnet_forward(model, x):
     btypes = model.primary.types
     y = y.permute(0, 2, 3, 1)
     poses = y[..., : 16 * btypes].reshape(n, h, w, btypes, 16)
-    acts = torch.sigmoid(y[..., 16 * btypes:] - (1.0 if preset == "authors" else 0.0))
+    acts = torch.sigmoid(y[..., 16 * btypes:] - (1.0 if preset.startswith("authors") else 0.0))
     kw = dict(iterations=model.iterations, pose=model.pose)
     # authors: activation biases x 5000 in a cost of summed log variances, i.e. x 2500 in
     # Procedure 1's; sigma biases x 16 (ln 2 pi + 1) likewise halved and per element
-    sa, su = (2500.0, 0.5 * (math.log(2 * math.pi) + 1)) if preset == "authors" else (1.0, 1.0)
+    sa, su = (2500.0, 0.5 * (math.log(2 * math.pi) + 1)) if preset.startswith("authors") else (1.0, 1.0)
     for layer in (model.convcaps1, model.convcaps2):
         rk = {}
-        if preset == "authors":
+        if preset.startswith("authors"):
             rk = dict(per_type=True, initial="types", var_floor=5e-4, kappa=1.0,
-                      lambdas=_authors_lambdas(layer.final_lambda, model.iterations))
+                      lambdas=_authors_lambdas(layer.final_lambda, model.iterations),
+                      smooth=0.9 if preset == "authors-smooth" else 1.0)
         elif preset == "pertype":
             rk = dict(per_type=True, initial="windows")
         n_, hh_, ww_ = poses.shape[:3]
@@ -206,7 +211,7 @@ def capsnet_forward(model, x):
     coords = torch.zeros(ho, wo, 2, dtype=x.dtype)
     for r in range(ho):
         for c in range(wo):
-            if preset == "authors":  # centre pixel minus size // 2, / 100
+            if preset.startswith("authors"):  # centre pixel minus size // 2, / 100
                 coords[r, c, 0] = (8 + 4 * r - hh // 2) / 100
                 coords[r, c, 1] = (8 + 4 * c - ww // 2) / 100
             else:  # receptive-field centres in input pixels, scaled to [0, 1]
@@ -214,9 +219,10 @@ def capsnet_forward(model, x):
                 coords[r, c, 1] = (8 + 4 * c + 0.5) / ww
     cl = model.classcaps
     rk = {}
-    if preset == "authors":
+    if preset.startswith("authors"):
         rk = dict(var_floor=5e-4, kappa=1.0, coord_elements=(0, 1),
-                  lambdas=_authors_lambdas(cl.final_lambda / 4, model.iterations))
+                  lambdas=_authors_lambdas(cl.final_lambda / 4, model.iterations),
+                  smooth=0.9 if preset == "authors-smooth" else 1.0)
     _, logits = class_caps(poses, acts, cl.weight, sa * cl.beta_a, su * cl.beta_u, coords,
                            final_lambda=cl.final_lambda, coord_add=model.coord_add, **kw, **rk)
     return logits

@@ -85,7 +85,7 @@ def test_conv_caps_matches_oracle(h, w, b, c, stride, iters, pose):
 @pytest.mark.parametrize(
     "routing,h,w,stride,iters",
     [("authors", 5, 5, 1, 3), ("authors", 7, 6, 2, 2), ("pertype", 5, 5, 1, 3),
-     ("pertype", 7, 6, 2, 3)],
+     ("pertype", 7, 6, 2, 3), ("authors-smooth", 5, 5, 1, 3), ("authors-smooth", 7, 6, 2, 2)],
 )
 def test_conv_caps_presets_match_oracle(routing, h, w, stride, iters):
     """The per-type normaliser (types never compete for a child), the other first
@@ -95,13 +95,14 @@ def test_conv_caps_presets_match_oracle(routing, h, w, stride, iters):
     b, c = 2, 3
     layer = ConvCaps(b, c, 3, stride, iterations=iters, final_lambda=0.7, routing=routing)
     with torch.no_grad():
-        layer.beta_a.add_((1e-3 if routing == "authors" else 1.0) * torch.randn(c))
+        layer.beta_a.add_((1e-3 if routing.startswith("authors") else 1.0) * torch.randn(c))
         layer.beta_u.add_(0.3 * torch.randn(c))
     poses, acts = _inputs(2, h, w, b, seed=2)
     out = layer(poses, acts, return_all=True)
-    if routing == "authors":
+    if routing.startswith("authors"):
         kw = dict(per_type=True, initial="types", var_floor=5e-4, kappa=1.0,
-                  lambdas=[2 * 0.7 * (1 - 0.95 ** (t + 1)) for t in range(iters)])
+                  lambdas=[2 * 0.7 * (1 - 0.95 ** (t + 1)) for t in range(iters)],
+                  smooth=0.9 if routing == "authors-smooth" else 1.0)
         sa, su = 2500.0, 0.5 * (math.log(2 * math.pi) + 1)
     else:
         ho, wo = (h - 3) // stride + 1, (w - 3) // stride + 1
@@ -132,8 +133,8 @@ def test_conv_caps_presets_match_oracle(routing, h, w, stride, iters):
         torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("initial", ["types", "windows"])
-def test_per_type_normaliser_gradcheck(initial):
+@pytest.mark.parametrize("initial,smooth", [("types", 1.0), ("windows", 1.0), ("types", 0.9)])
+def test_per_type_normaliser_gradcheck(initial, smooth):
     """The hand-written backward (native and torch passes) through the per-type fold."""
     from robustcaps.models.em_routing import Fold
 
@@ -148,10 +149,43 @@ def test_per_type_normaliser_gradcheck(initial):
 
     def fn(v, x, y, z):
         r = em_routing(v, x, y, z, iterations=3, final_lambda=0.7, fold=fold,
-                       data_scale=1.5, chunk=2, schedule="authors", var_floor=5e-4)
+                       data_scale=1.5, chunk=2, schedule="authors", var_floor=5e-4,
+                       smooth=smooth)
         return r.poses, r.logits, r.R
 
     assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [1000.0, 0.0])
+def test_mean_smoothing_hand_backward_gradcheck_and_autograd(monkeypatch, ratio):
+    """Mean smoothing (class-layer shape, no fold): the hand-written backward against finite
+    differences, and the forward and gradients against the plain autograd graph, with and
+    without re-centring."""
+    import robustcaps.models.em_routing as em
+
+    monkeypatch.setattr(em, "RECENTRE_RATIO", ratio)
+    g = torch.Generator().manual_seed(25)
+    votes = torch.randn(3, 1, 3, 7, 16, generator=g).requires_grad_(True)
+    a = torch.rand(3, 1, 7, generator=g).requires_grad_(True)
+    ba = torch.randn(3, generator=g).requires_grad_(True)
+    bu = (0.3 * torch.randn(3, generator=g)).requires_grad_(True)
+    kw = dict(iterations=3, final_lambda=0.9, data_scale=7 / 3, smooth=0.9)
+
+    def fn(v, x, y, z):
+        r = em_routing(v, x, y, z, chunk=2, **kw)
+        return r.poses, r.logits, r.R
+
+    assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4)
+    outs, grads = _grads_of(lambda v, x, y, z: em_routing(v, x, y, z, chunk=2, **kw),
+                            votes, a, ba, bu, seed=26)
+    b_outs, b_grads = _grads_of(lambda v, x, y, z: em.em_routing_autograd(v, x, y, z, **kw),
+                                votes, a, ba, bu, seed=26)
+    for o, b in zip(outs, b_outs, strict=True):
+        torch.testing.assert_close(o, b, rtol=1e-8, atol=1e-9)
+    for gg, b in zip(grads, b_grads, strict=True):
+        torch.testing.assert_close(gg, b, rtol=1e-6, atol=1e-8)
+    plain = em_routing(votes, a, ba, bu, chunk=2, **{**kw, "smooth": 1.0})
+    assert (plain.poses - outs[0]).abs().max() > 1e-3  # smoothing changes the function
 
 
 def test_authors_lambda_schedule():

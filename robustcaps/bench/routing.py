@@ -253,7 +253,7 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
 @click.option("--torch-passes", is_flag=True,
               help="Route with torch ops even where the native CPU kernels are built.")
 @click.option("--routing", "routings", multiple=True,
-              type=click.Choice(["paper", "authors", "pertype"]),
+              type=click.Choice(["paper", "authors", "authors-smooth", "pertype"]),
               help="Routing preset(s) to run (default: paper and authors).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,

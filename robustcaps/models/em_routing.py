@@ -162,9 +162,11 @@ folder ``capsule_em``; each constant checked there):
   / 100 (``simple_model.py`` ``add_convs``/``conv_pos``), on vote elements 0 and 1
   (``connector_capsule_mat`` concatenates the grid in front of zeros).
 
-Not in the preset (left as ``paper``): the means smoothed as ``0.9 new + 0.1 old`` with the
-variance taken about the smoothed centre (it would change the native kernels' M-step and
-the hand-written backward); the mass epsilons (1e-7 conv, 1e-5 class; here 1e-8); and the
+``authors-smooth``: ``authors`` plus the means smoothed as ``0.9 new + 0.1 old`` (the old
+centre 0 before the first M-step), the variance and the E-step taken about the smoothed
+centre (both routing functions of ``em_layers.py``); ``authors`` itself leaves it out (the
+zoo's 3-iteration retraining started before it existed, and a preset's function never
+changes under a checkpoint). Not in either (left as ``paper``): the mass epsilons (1e-7 conv, 1e-5 class; here 1e-8); and the
 training recipe (``layers.py``: spread-loss margin ``0.2 + 0.79 sigmoid(min(10, step / 50000
 - 4))``; ``utils.py``: weight decay 2e-7; Adam 3e-3 decayed 0.96 every 20k steps, batch 64),
 which ``robustcaps train`` keeps as Section 5 describes.
@@ -181,6 +183,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 import threading
@@ -391,6 +394,7 @@ def _route(
     var_floor: float,
     shape: tuple[int, int, int, int],
     hold: str | None = None,
+    smooth: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1 on the centred moments ``U`` (m, J, 2H) of the votes V (m, J, H) about
     the constant ``c`` (m, 1, H).
@@ -417,10 +421,14 @@ def _route(
     bu = beta_u.reshape(1, 1, C)
     R = R0
 
+    prev = torch.zeros_like(c)  # the previous centre (mean smoothing)
+
     def moments(rw, U, c, mass, denom):  # noqa: ANN001, ANN202
         S = torch.bmm(rw, U)  # (m, 1, 2H)
         S1, S2 = S[..., :H], S[..., H:]
         d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
+        if smooth != 1.0:  # the centre: smooth * mean + (1 - smooth) * previous centre
+            d = smooth * d + (1.0 - smooth) * (prev - c)
         return d, (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
 
     for t, lam in enumerate(lambdas):
@@ -435,7 +443,8 @@ def _route(
             c = (c + d).detach()
             U = _build_u(V, c, None)
             d, var = moments(rw, U, c, mass, denom)
-        mu = (c + d).reshape(n, L, C, H)
+        prev = c + d
+        mu = prev.reshape(n, L, C, H)
         log_var = var.log()
         sum_log_sigma = 0.5 * log_var.sum(-1).reshape(n, L, C)
         cost = (H * bu + sum_log_sigma) * (mass.reshape(n, L, C) / data_scale)
@@ -477,6 +486,7 @@ class _Config:
     chunk: int
     keep: bool = True  # False: no gradient can be asked for (grad mode off), save nothing
     native: bool = False  # passes over the votes by robustcaps.models.native
+    smooth: float = 1.0  # mean smoothing: centre = smooth * mean + (1 - smooth) * previous
 
 
 def _chunks(n: int, chunk: int) -> list[slice]:
@@ -561,6 +571,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
     ba = beta_a.reshape(1, 1, C)
     R = None
     last = len(lambdas) - 1
+    sm = cfg.smooth
+    prev = torch.zeros_like(c)  # the previous centre (mean smoothing)
     for t, lam in enumerate(lambdas):
         if t:
             rw = (R * a).reshape(m, 1, J)
@@ -570,6 +582,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
             S = torch.bmm(rw, U)  # (m, 1, 2H)
             S1 = S[..., :H]
             d = (S1 - MASS_EPS * c).div_(denom)
+            if sm != 1.0:
+                d = sm * d + (1.0 - sm) * (prev - c)
             q = S[..., H:] - d * (2.0 * S1 - d * mass)
             var = q.clamp_min(0.0).div_(denom).add_(floor)
             if attempt or t == 0 or not bool((d * d / var).amax() > RECENTRE_RATIO):
@@ -577,6 +591,7 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
             c = c + d
             U = _build_u(V, c, buf)
         mu = c + d
+        prev = mu
         sls = 0.5 * var.log().sum(-1)  # (m, 1)
         logits = lam * (ba - (bu_h + sls.view(n, L, C)) * (mass.view(n, L, C) / ds))
         if steps is not None:
@@ -616,9 +631,11 @@ def _forward_chunk_native(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch
     R, c0, rdiv, A = None, None, C, None
     last = len(lambdas) - 1
     for t, lam in enumerate(lambdas):
+        # c0, the previous centre, is also the one mean smoothing blends with
         o = native.iteration(V, rows, c0, rdiv=rdiv, A=A, adiv=C, C=C, beta_a=ba, buh=buh,
                              lam=lam, data_scale=cfg.data_scale, var_floor=cfg.var_floor,
-                             eps=MASS_EPS, ratio=RECENTRE_RATIO, estep=t != last)
+                             eps=MASS_EPS, ratio=RECENTRE_RATIO, estep=t != last,
+                             prev=c0, alpha=cfg.smooth)
         c, d = o["c"].view(m, 1, H), o["d"].view(m, 1, H)
         logits = o["logit"].view(n, L, C)
         if steps is not None:
@@ -653,7 +670,7 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
     """
     n, L, C, J, H = votes.shape
     m = n * L * C
-    fold, lambdas, ds = cfg.fold, cfg.lambdas, cfg.data_scale
+    fold, lambdas, ds, sm = cfg.fold, cfg.lambdas, cfg.data_scale, cfg.smooth
     V = votes.reshape(m, J, H)
     gv = g_votes.reshape(m, J, H)  # a view (same strides as votes)
     R0 = _initial_R(votes, fold)
@@ -719,7 +736,13 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         S1, d = st.S[..., :H], st.d
         gd = gd + 2.0 * g_q * (d * st.mass - S1)
         g_mass = g_mass + (g_q * d * d).sum(-1, keepdim=True)
-        g_den = g_den - (gd * d).sum(-1, keepdim=True) / denom
+        if sm != 1.0:  # d = sm (S1 - eps c) / denom + (1 - sm) (previous centre - c)
+            g_prev = (1.0 - sm) * gd
+            gd = sm * gd
+            dm = (S1 - MASS_EPS * st.c) / denom  # the weighted mean's offset
+        else:
+            dm = d
+        g_den = g_den - (gd * dm).sum(-1, keepdim=True) / denom
         Ut = use(st.c)
         g_S = right[:, k : k + 1]  # (m, 1, 2H) = [dS1, dS2]
         torch.div(gd, denom, out=g_S[..., :H]).addcmul_(d, g_q, value=-2.0)
@@ -763,6 +786,8 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
             g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
         g_w1, g_w2 = g_w[..., :H], g_w[..., H:]
         gd = (g_w1 - g_const * d) * inv
+        if sm != 1.0:  # the previous centre c_{t-1} + d_{t-1} fed this M-step's centre
+            gd = gd + g_prev
         g_inv = g_w1 * d - 0.5 * g_w2 - 0.5 * g_const * d * d
         gvar = -g_inv * inv * inv
         gsls = -g_const.reshape(m, 1)
@@ -934,7 +959,8 @@ class _EMRouting(torch.autograd.Function):
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None,
-            u_bytes: int, use_native: bool = False, schedule: str = "linear") -> _Config:
+            u_bytes: int, use_native: bool = False, schedule: str = "linear",
+            smooth: float = 1.0) -> _Config:
     """u_bytes: size of one sample's ``U``; use_native: route with the native passes."""
     if chunk is None:
         if device.type == "cpu":
@@ -949,7 +975,7 @@ def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
     return _Config(tuple(lambda_schedule(iterations, final_lambda, schedule)), fold,
                    float(data_scale),
                    float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled(),
-                   use_native)
+                   use_native, float(smooth))
 
 
 def em_routing(
@@ -965,6 +991,7 @@ def em_routing(
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
     schedule: str = "linear",
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """EM routing between one pair of capsule layers (vectorised Procedure 1).
 
@@ -980,12 +1007,16 @@ def em_routing(
         chunk: samples routed together (cache blocking); None: ``CPU_CHUNK_BYTES`` on the CPU,
             the whole batch elsewhere. Results do not depend on it.
         schedule: the lambda schedule (:func:`lambda_schedule`).
+        smooth: mean smoothing (routing preset ``authors-smooth``): each M-step's centre is
+            ``smooth * mean + (1 - smooth) * previous centre`` (the first: ``* 0``), the
+            variance and the E-step about it; 1 (the default): plain Procedure 1.
 
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
     n, L, C, J, H = votes.shape
     cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * C * J * 2 * H * votes.element_size(), native.usable(votes), schedule)
+                  L * C * J * 2 * H * votes.element_size(), native.usable(votes), schedule,
+                  smooth)
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
@@ -1017,6 +1048,7 @@ def em_routing_slots(
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
     schedule: str = "linear",
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """:func:`em_routing` of the votes ``votes[:, :, :, j] = (pt[j] @ wm[j]).view(.., C, 16)``
     without ever holding them (or their gradient) for the whole batch: each chunk's votes
@@ -1032,7 +1064,8 @@ def em_routing_slots(
     """
     J, n, L, _ = pt.shape
     cfg = _config(n, pt.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt), schedule)
+                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt), schedule,
+                  smooth)
     mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
@@ -1050,6 +1083,7 @@ def em_routing_autograd(
     var_floor: float = VAR_FLOOR,
     schedule: str = "linear",
     hold: str | None = None,
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
     backward, no chunking): what ``torch.compile`` traces. Same arguments and results.
@@ -1064,7 +1098,7 @@ def em_routing_autograd(
     U = torch.cat((dv, dv * dv), -1)
     mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u,
                            lambda_schedule(iterations, final_lambda, schedule),
-                           fold, data_scale, var_floor, (n, L, C, J), hold)
+                           fold, data_scale, var_floor, (n, L, C, J), hold, smooth)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
@@ -1080,13 +1114,16 @@ def em_routing_uniform(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     schedule: str = "linear",
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """The ``"uniform"`` surrogate of :func:`em_routing` (same arguments): ONE M-step with
     the initial assignment ``R0`` (Procedure 1 line 2, or the preset's), i.e. each parent's
     pose is the activation-weighted average of its votes, and its logit
     ``lambda_T (beta_a - (H beta_u + sum_h log sigma_h) mass / data_scale)`` with the LAST
     lambda of the schedule (the scale of the true routing's output). No E-step, so it is
-    smooth in the votes; an ordinary autograd graph."""
+    smooth in the votes; an ordinary autograd graph. ``smooth`` is ignored: the uniform
+    surrogate's pose is the plain weighted mean of the votes."""
+    del smooth
     n, L, C, J, H = votes.shape
     m = n * L * C
     R0 = _initial_R(votes, fold)
@@ -1241,7 +1278,7 @@ class RoutingPreset:
     Addition ``"unit"`` (centre / image size on vote elements 3, 7) or ``"authors"``
     (offset from the image centre / 100 on elements 0, 1); init: ``"paper"`` or
     ``"authors"`` weight initialisation (:meth:`CapsNet.__init__`); primary_offset: added to
-    the primary capsules' activation logits.
+    the primary capsules' activation logits; smooth: mean smoothing (:func:`em_routing`).
     """
 
     name: str
@@ -1259,6 +1296,7 @@ class RoutingPreset:
     coord: str = "unit"
     init: str = "paper"
     primary_offset: float = 0.0
+    smooth: float = 1.0
 
 
 ROUTING_PRESETS: dict[str, RoutingPreset] = {
@@ -1275,6 +1313,11 @@ ROUTING_PRESETS: dict[str, RoutingPreset] = {
     # over a child's windows).
     "pertype": RoutingPreset("pertype", per_type=True, initial="windows"),
 }
+# ``authors`` plus the released code's mean smoothing, centre = 0.9 mean + 0.1 previous
+# centre (em_layers.py, both routing functions): a separate name, so that checkpoints
+# trained with ``authors`` keep their function.
+ROUTING_PRESETS["authors-smooth"] = dataclasses.replace(
+    ROUTING_PRESETS["authors"], name="authors-smooth", smooth=0.9)
 
 
 def routing_preset(name: str | RoutingPreset) -> RoutingPreset:
@@ -1414,7 +1457,7 @@ class ConvCaps(nn.Module):
         kappa = fold.n_covered / (L * (1 if ps.per_type else self.C))
         kw = dict(iterations=self.iterations, final_lambda=ps.lambda_scale * self.final_lambda,
                   fold=fold, data_scale=kappa if ps.data_scale else 1.0,
-                  var_floor=ps.var_floor, schedule=ps.schedule)
+                  var_floor=ps.var_floor, schedule=ps.schedule, smooth=ps.smooth)
         ba, bu = _scaled_betas(self, ps)
         votes = None
 
@@ -1500,7 +1543,7 @@ class ClassCaps(nn.Module):
         kw = dict(iterations=self.iterations,
                   final_lambda=ps.lambda_scale * ps.class_lambda * self.final_lambda, fold=None,
                   data_scale=hw * d / self.E if ps.data_scale else 1.0, var_floor=ps.var_floor,
-                  schedule=ps.schedule)
+                  schedule=ps.schedule, smooth=ps.smooth)
         res = _with_surrogate(
             self, lambda: routing_function(self.compile_routing)(votes, a_in, ba, bu, **kw),
             lambda: votes, a_in, ba, bu, kw)

@@ -44,7 +44,8 @@ _SIGNATURES = {
     "rc_vgrad": [_P, _L, _L, _L, _L, _L, _P, _P, _P, _P, _L, _L, _I],
     "rc_iteration": [_P, _L, _L, _L, _L, _P, _L, _L, _P, _L, _P, _L, _P, _P,
                      ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                     ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+                     ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                     ctypes.c_double],
     "rc_norm_type": [_P, _L, _L, _L, _L, _L, _L, _P, _L, _P, _I],
     "rc_norm_type_grad": [_P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _P, _L, _P],
 }
@@ -243,18 +244,20 @@ def vgrad(V: torch.Tensor, L: torch.Tensor, P: torch.Tensor, cs: torch.Tensor,
 def iteration(V: torch.Tensor, R: torch.Tensor, c0: torch.Tensor | None, *, rdiv: int,
               A: torch.Tensor | None, adiv: int, C: int, beta_a: torch.Tensor,
               buh: torch.Tensor, lam: float, data_scale: float, var_floor: float,
-              eps: float, ratio: float, estep: bool) -> dict[str, torch.Tensor]:
+              eps: float, ratio: float, estep: bool, prev: torch.Tensor | None = None,
+              alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """One EM iteration of M parents (see ``rc_iteration`` in routing_body.h).
 
     V: (M, J, 16); R: 2-D weight rows (row ``m // rdiv``); A: (M // adiv, J) contiguous
     or None; c0: (M, 16) contiguous reference or None (the weighted mean); beta_a, buh:
     (C,) contiguous, parent m has type ``m % C``. Returns c, S, mass, d, var, q, sls,
-    logit and, with ``estep``, w and z (M, J).
+    logit and, with ``estep``, w and z (M, J). ``alpha`` != 1: mean smoothing about
+    ``prev`` (M, 16) contiguous, or None for 0.
     """
     M, J, _ = V.shape
     _check_rows(V, R, A, c0, beta_a, buh)
     assert R.dim() == 2 and R.shape[1] == J and R.stride(1) == 1
-    assert all(t is None or t.is_contiguous() for t in (A, c0, beta_a, buh))
+    assert all(t is None or t.is_contiguous() for t in (A, c0, beta_a, buh, prev))
     new = V.new_empty
     out = {"c": new(M, 16), "S": new(M, 32), "mass": new(M), "d": new(M, 16),
            "var": new(M, 16), "q": new(M, 16), "sls": new(M), "logit": new(M)}
@@ -266,7 +269,7 @@ def iteration(V: torch.Tensor, R: torch.Tensor, c0: torch.Tensor | None, *, rdiv
         _ptr(A), adiv, _ptr(c0), C, beta_a.data_ptr(), buh.data_ptr(), float(lam),
         float(data_scale), float(var_floor), float(eps), float(ratio),
         *(o[k].data_ptr() for k in ("c", "S", "mass", "d", "var", "q", "sls", "logit")),
-        _ptr(o.get("w")), _ptr(o.get("z")))
+        _ptr(o.get("w")), _ptr(o.get("z")), _ptr(prev), float(alpha))
     return out
 
 

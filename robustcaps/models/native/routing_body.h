@@ -109,13 +109,17 @@ void F(rc_moments)(const T *V, long sm, long sj, long M, long J,
  *   w = [d / var, -0.5 / var], k = -0.5 sum_h d^2 / var - sls - 0.5 H log(2 pi),
  *   z[m, j] = (w . [V - c, (V - c)^2] + k) + logsigmoid(logit).
  * Outputs, contiguous per parent: c (M,16) the reference used, S (M,32), mass (M), d, var,
- * q (M,16), sls, logit (M); w (M,32) and z (M,J) when z is not NULL. */
+ * q (M,16), sls, logit (M); w (M,32) and z (M,J) when z is not NULL.
+ * Mean smoothing (alpha != 1, routing preset "authors-smooth", capsule_em/em_layers.py):
+ * the centre is alpha * mean + (1 - alpha) * prev (prev (M,16) the previous iteration's
+ * centre, NULL for 0), and d, q, var and the E-step are about that centre:
+ *   d = alpha (S1 - eps c) / (mass + eps) + (1 - alpha) (prev - c). */
 void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
                      const T *R, long sr, long rdiv, const T *A, long adiv,
                      const T *c0, long C, const T *ba, const T *buh,
                      double lam, double ds, double vfloor, double eps, double ratio,
                      T *c, T *S, T *mass, T *d, T *var, T *q, T *sls, T *logit, T *w,
-                     T *z) {
+                     T *z, const T *prev, double alpha) {
     const T epsT = (T)eps, flo = (T)vfloor, half_log_2pi = (T)(8.0 * LOG_2PI);
     for (long m0 = 0; m0 < M; m0 += NB) {
         long nb = M - m0 < NB ? M - m0 : NB;
@@ -134,6 +138,10 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
             for (long i = 0; i < nb; i++) {
                 T den = ms[i] + epsT;
                 dd[i] = (a1[i] - epsT * cc[i]) / den;
+                if (alpha != 1.0) {
+                    VEC pv = prev ? LD(prev + (m0 + i) * 16) : (VEC){0};
+                    dd[i] = (T)alpha * dd[i] + (T)(1.0 - alpha) * (pv - cc[i]);
+                }
                 qq[i] = a2[i] - dd[i] * (2 * a1[i] - dd[i] * ms[i]);
                 VEC qc = qq[i];
                 for (int h = 0; h < 16; h++) qc[h] = qc[h] > 0 ? qc[h] : 0;
