@@ -272,3 +272,29 @@ def test_uniform_function_matches_one_iteration_routing_for_linear_schedule():
     torch.testing.assert_close(u.logits, one.logits, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(u.poses, one.poses, rtol=1e-10, atol=1e-12)
     assert math.isfinite(float(u.logits.sum()))
+
+
+def test_bpda_last_differs_from_bpda_only_with_mean_smoothing():
+    """With smoothing the final centre also depends on the previous one, so holding only
+    the last assignment leaves a path through the earlier iterations: bpda-last then
+    equals the oracle with only the last R detached, and differs from bpda."""
+    torch.manual_seed(4)
+    layer = ConvCaps(2, 3, 3, 1, iterations=3, final_lambda=0.7,
+                     routing="authors-smooth").double()
+    with torch.no_grad():
+        layer.beta_a.add_(1e-3 * torch.randn(3, dtype=torch.float64))
+    poses, acts = _inputs(2, 4, 4, 2, seed=9)
+    grads = {}
+    for mode in ("bpda", "bpda-last"):
+        with routing_surrogate(mode):
+            _, grads[mode] = _layer_grads(layer, poses, acts)
+    kw = dict(per_type=True, initial="types", var_floor=5e-4, kappa=1.0, smooth=0.9,
+              lambdas=[2 * 0.7 * (1 - 0.95 ** (t + 1)) for t in range(3)])
+    sa, su = 2500.0, 0.5 * (math.log(2 * math.pi) + 1)
+    for mode, hold in (("bpda", "all"), ("bpda-last", "last")):
+        rp, rl = ref.conv_caps(poses, acts, layer.weight, sa * layer.beta_a, su * layer.beta_u,
+                               kernel=3, stride=1, iterations=3, final_lambda=0.7, hold=hold,
+                               **kw)
+        for gg, ww in zip(grads[mode], _oracle_grads(rp, rl, poses, acts, layer), strict=True):
+            torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-9)
+    assert (grads["bpda"][0] - grads["bpda-last"][0]).abs().max() > 1e-6

@@ -1170,9 +1170,11 @@ def routing_surrogate(mode: str = "bpda",
       ``"bpda"``: the forward is the true routing (bit for bit); the backward treats every
         assignment ``R`` as a constant, so gradients flow through the votes, means,
         variances and activations of the M-steps but not through R's dependence on them.
-      ``"bpda-last"``: only the assignment of the final M-step is a constant. (The final
-        M-step sees the earlier iterations only through that assignment, so with these
-        presets its gradient equals ``"bpda"``'s; both are kept as named, tested modes.)
+      ``"bpda-last"``: only the assignment of the final M-step is a constant. (Without
+        mean smoothing the final M-step sees the earlier iterations only through that
+        assignment, so the gradient equals ``"bpda"``'s; with ``authors-smooth`` the earlier
+        centres also feed the last one, and gradient flows back through them and the
+        earlier assignments.)
       ``"uniform"``: each chosen layer's routing is replaced by ONE M-step with the
         uniform initial assignment (:func:`em_routing_uniform`): votes averaged with the
         child activations as weights, the activation computed from that M-step. A
