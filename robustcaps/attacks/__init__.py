@@ -14,7 +14,7 @@ below; ``robustcaps evaluate --attack name`` then runs it.
 from __future__ import annotations
 
 # Importing the implementations runs their @register_attack decorators.
-from . import backends, native  # noqa: F401
+from . import apgd, auto, backends, capsule, native, pgd  # noqa: F401
 from .base import Attack, AttackResult
 from .registry import (
     DEFAULT_BACKEND,

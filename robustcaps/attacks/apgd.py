@@ -51,6 +51,7 @@ import torch
 from ..errors import RobustcapsError
 from ..models.adapter import LOSSES, ModelAdapter
 from ..models.losses import cw_margin
+from .registry import register_attack
 from .sweep import (
     Batch,
     RestartAttack,
@@ -116,7 +117,7 @@ class APGD(RestartAttack):
                  restarts: int = 1, rho: float = 0.75, seed: int = 0, early_stop: bool = True,
                  tracker: Any = None, batch_size: int | None = None) -> None:
         super().__init__(seed=seed, early_stop=early_stop, tracker=tracker, batch_size=batch_size)
-        if loss not in APGD_LOSSES:
+        if loss is not None and loss not in APGD_LOSSES:
             raise RobustcapsError(f"loss must be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
         if not 0.0 < float(rho) < 1.0:
             raise RobustcapsError(f"rho must lie in (0, 1), got {rho!r}")
@@ -135,12 +136,15 @@ class APGD(RestartAttack):
         if adapter.num_classes is None or adapter.num_classes < 2:
             raise RobustcapsError(f"{self.name} needs a model with >= 2 classes, got {adapter.num_classes}")
 
+    def _kind(self, b: Batch) -> str:
+        """The loss optimised on this batch (None: the adapter's own, e.g. ``--loss cw``)."""
+        return loss_used(self.loss or b.adapter.loss_name, b.adapter.num_classes, b.targeted)
+
     def _batch_info(self, b: Batch) -> dict[str, Any]:
-        return {"loss_used": loss_used(self.loss, b.adapter.num_classes, b.targeted)}
+        return {"loss_used": self._kind(b)}
 
     def _prepare(self, b: Batch, rows, clean_scores, target_rank) -> None:
-        b.loss_fn = self._loss_fn(b, loss_used(self.loss, b.adapter.num_classes, b.targeted),
-                                  b.targets)
+        b.loss_fn = self._loss_fn(b, self._kind(b), b.targets)
 
     @staticmethod
     def _loss_fn(b: Batch, kind: str, targets: torch.Tensor | None):
@@ -160,6 +164,30 @@ class APGD(RestartAttack):
         return _APGDRun(self, b, rows, eps, run).run()
 
 
+@register_attack("apgd-ce", description="APGD (Croce & Hein 2020), 100 steps, on the run's "
+                 "loss: CE by default, the logit margin with --loss cw")
+class APGDCE(APGD):
+    """APGD on the evaluation's loss: the adapter's (CE unless ``--loss`` says otherwise)."""
+
+    name = "apgd-ce"
+
+    def __init__(self, *, loss: str | None = None, **settings: Any) -> None:
+        super().__init__(loss=loss, **settings)
+
+
+@register_attack("apgd-dlr", description="APGD with the DLR loss (scale-invariant; the "
+                 "logit margin below 3 classes)")
+class APGDDLR(APGD):
+    """APGD with the DLR loss (few-classes rule in the module docstring)."""
+
+    name = "apgd-dlr"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(loss="dlr", **settings)
+
+
+@register_attack("apgd-t", description="APGD-T: targeted DLR towards each of the top "
+                 "min(9, K-1) wrong classes in turn (untargeted success)")
 class APGDT(APGD):
     """APGD-T: the targeted DLR towards each of the top wrong classes in turn.
 

@@ -336,6 +336,7 @@ class FoolboxBIM(_FoolboxAttack):
         return cls(abs_stepsize=alpha, steps=self.steps, random_start=False)
 
 
+@register_attack("pgd", backend="torchattacks")
 class TorchattacksPGD(_TorchattacksAttack):
     """``torchattacks.PGD`` (L-inf) or ``PGDL2`` with a random start, once per epsilon; step
     ``alpha`` as native PGD (default ``2.5 * eps / steps``). CE only: torchattacks' loss."""
@@ -421,6 +422,27 @@ class TorchattacksAPGD(_TorchattacksAPGDBase):
                                     rho=self.rho)
 
 
+@register_attack("apgd-ce", backend="torchattacks")
+class TorchattacksAPGDCE(TorchattacksAPGD):
+    """``torchattacks.APGD`` with CE."""
+
+    name = "apgd-ce"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(loss="ce", **settings)
+
+
+@register_attack("apgd-dlr", backend="torchattacks")
+class TorchattacksAPGDDLR(TorchattacksAPGD):
+    """``torchattacks.APGD`` with DLR."""
+
+    name = "apgd-dlr"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(loss="dlr", **settings)
+
+
+@register_attack("apgd-t", backend="torchattacks")
 class TorchattacksAPGDT(_TorchattacksAPGDBase):
     """``torchattacks.APGDT`` over ``min(9, K - 1)`` (or ``n_target_classes``) top wrong
     classes, called once per epsilon. torchattacks tries ``n_classes - 1`` targets, so it

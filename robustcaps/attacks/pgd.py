@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import RobustcapsError
+from .registry import register_attack
 from .sweep import (
     Batch,
     RestartAttack,
@@ -51,6 +52,8 @@ PGD_TRAVEL = 2.5
 PGD_DEFAULT_STEPS = 50
 
 
+@register_attack("pgd", description="PGD (Madry et al. 2018): random start, 50 steps of "
+                 "2.5*eps/steps, restarts; the first success per sample is kept")
 class PGD(RestartAttack):
     """Projected gradient descent with random starts.
 

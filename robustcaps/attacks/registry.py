@@ -21,7 +21,7 @@ from ..errors import RobustcapsError
 DEFAULT_BACKEND = "native"
 #: sweep settings the evaluation passes to every attack; an implementation whose
 #: constructor does not take one (FGSM has no steps, the libraries no early stop) drops it
-SWEEP_SETTINGS = ("steps", "step_size", "early_stop")
+SWEEP_SETTINGS = ("steps", "step_size", "early_stop", "seed")
 
 
 @dataclass
@@ -81,6 +81,21 @@ def attack_entry(name: str) -> AttackEntry:
     return entry
 
 
+def accepted_parameters(cls: type) -> set[str]:
+    """Keyword parameters ``cls(...)`` takes, following ``**settings`` up the MRO (a
+    subclass that forwards its settings to its parent takes the parent's)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY or
+                  p.kind is p.POSITIONAL_OR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self"}
+
+
 def get_attack(name: str, backend: str = DEFAULT_BACKEND, **params: Any):
     """Build attack ``name`` as implemented by ``backend``.
 
@@ -96,7 +111,7 @@ def get_attack(name: str, backend: str = DEFAULT_BACKEND, **params: Any):
     if cls is None:
         raise RobustcapsError(f"attack {entry.name!r} has no {backend} implementation; "
                               f"available: {', '.join(entry.backends)}")
-    accepted = inspect.signature(cls).parameters
+    accepted = accepted_parameters(cls)
     for key in SWEEP_SETTINGS:
         if key not in accepted:
             params.pop(key, None)

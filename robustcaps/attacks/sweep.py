@@ -248,6 +248,9 @@ class RestartAttack(Attack):
         self.seed = int(seed)
         self.early_stop = bool(early_stop)
         self.tracker = tracker
+        #: optional (N,) global sample indices of the rows of ``x`` given to ``run``: a
+        #: caller attacking a subset (the ``auto`` attack) keeps every sample's random start
+        self.sample_index: torch.Tensor | None = None
 
     def run(self, adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor,
             epsilons: Sequence[float], targets: torch.Tensor | None = None, *,
@@ -328,7 +331,10 @@ class RestartAttack(Attack):
 
     def _start(self, b: Batch, rows: torch.Tensor, eps: float, run: int, mode: str) -> torch.Tensor:
         x0 = b.x[rows]
-        delta = random_start(x0.shape[1:], rows.cpu() + b.offset, self.seed, eps, run, self.norm, mode)
+        index = rows.cpu() + b.offset
+        if self.sample_index is not None:
+            index = self.sample_index[index]
+        delta = random_start(x0.shape[1:], index, self.seed, eps, run, self.norm, mode)
         return project_ball(x0 + delta.to(x0), x0, eps, self.norm, b.adapter.bounds)
 
     def _single(self, b: Batch, rows: torch.Tensor, eps: float, run: int) -> RunOutcome:  # pragma: no cover

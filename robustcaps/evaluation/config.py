@@ -34,7 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..attacks import list_attacks, list_backends
+from ..attacks.apgd import APGD_DEFAULT_STEPS
+from ..attacks.auto import DEFAULT_COMPONENTS as AUTO_COMPONENTS
 from ..attacks.native import BIM_DEFAULT_STEPS, check_epsilons
+from ..attacks.pgd import PGD_DEFAULT_STEPS
 from ..errors import RobustcapsError
 from ..models.adapter import LOSSES
 from ..models.resolve import ModelRequest, model_spec
@@ -45,10 +48,17 @@ DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.05 * i, 10) for i in range(1
 #: dominates at roughly 0.025 s per sample for a forward+backward pass there (measured: the
 #: default BIM run 17 s, targeted BIM 58 s, with the zoo models). FGSM costs
 #: 1 fwd+bwd + 10 fwd per sample, BIM up to 10 x 10 fwd+bwd (fewer with early stopping),
-#: targeted runs attack K-1 = 4 (sample, target) pairs per sample. Attacks without an
+#: targeted runs attack K-1 = 4 (sample, target) pairs per sample. PGD costs up to 50 and
+#: APGD 100 fwd+bwd per sample and epsilon (APGD-T: 100 per wrong class), the capsule-aware
+#: ones about twice as much per pass (the surrogate runs the routing as a plain autograd
+#: graph); auto attacks only what the cheaper components left robust. Attacks without an
 #: entry cost like BIM.
-DEFAULT_N_SAMPLES = {"fgsm": 500, "bim": 200, "transfer": 500}
-DEFAULT_TARGETED_N_SAMPLES = {"fgsm": 100, "bim": 40, "transfer": 100}
+DEFAULT_N_SAMPLES = {"fgsm": 500, "bim": 200, "transfer": 500, "pgd": 40, "apgd-ce": 20,
+                     "apgd-dlr": 20, "apgd-t": 10, "pgd-bpda": 20, "apgd-bpda": 10,
+                     "vote-attack": 10, "auto": 20}
+DEFAULT_TARGETED_N_SAMPLES = {"fgsm": 100, "bim": 40, "transfer": 100, "pgd": 10, "apgd-ce": 5,
+                              "apgd-dlr": 5, "apgd-t": 5, "pgd-bpda": 5, "apgd-bpda": 3,
+                              "vote-attack": 3, "auto": 5}
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_MODELS = ("capsnet-small", "cnn")
 DEFAULT_TRANSFER_SOURCE = "cnn"
@@ -252,16 +262,26 @@ class ThreatSettings:
     epsilons: tuple[float, ...] = setting(
         DEFAULT_EPSILONS, "L-inf epsilons in input units.", parse=_epsilons, toml=list,
         expected="a non-empty list of distinct numbers >= 0")
-    steps: int = setting(BIM_DEFAULT_STEPS, "Iterations of iterative attacks (BIM).",
-                         parse=_int_at_least("steps", 1), toml=int, expected="an integer >= 1",
-                         cli={"type": "count", "show_default": True})
+    steps: int | None = setting(
+        None, f"Iterations of iterative attacks. Default each attack's own: BIM "
+        f"{BIM_DEFAULT_STEPS}, PGD {PGD_DEFAULT_STEPS}, APGD {APGD_DEFAULT_STEPS}.",
+        parse=_int_at_least("steps", 1), toml=int, expected="an integer >= 1",
+        cli={"type": "count"})
     step_size: float | None = setting(
-        None, "Step of iterative attacks in input units. Default 1.25*eps/steps.",
+        None, "Step of BIM/PGD in input units. Default 1.25*eps/steps (BIM), 2.5*eps/steps "
+        "(PGD); APGD adapts its own.",
         parse=_positive, toml=(int, float), expected="a number > 0", cli={"type": float})
     early_stop: bool = setting(
         True, "Iterative attacks: keep each sample's first success and stop computing for it "
         "(--no-early-stop runs every step, like torchattacks/foolbox).", parse=_flag,
         toml=bool, expected="true or false", cli={"flag": True, "show_default": True})
+    components: tuple[str, ...] | None = setting(
+        None, f"auto: the attacks whose per-sample worst case it takes, cheapest first "
+        f"(default {', '.join(AUTO_COMPONENTS)}; capsule-aware ones only on capsule networks).",
+        parse=_names("component", list_attacks), toml=(str, list),
+        expected=lambda: f"{', '.join(list_attacks())} or a list of them",
+        cli={"multiple": True, "flag_name": "--component", "dest": "components",
+             "metavar": "ATTACK"})
     loss: str | None = setting(
         None, "Loss the attacks differentiate. Default ce: cross-entropy on the scores "
         "(for capsule nets the logits of the class activations; spread saturates).",

@@ -17,8 +17,11 @@ RECORD_COLUMNS = [
     "model", "attack", "backend", "source", "targeted", "target", "epsilon", "sample",
     "label", "clean_pred", "adv_pred", "success", "linf", "l2", "eps_units",
 ]
+#: extra columns of ``auto`` rows only (other runs' columns, and their golden hashes, stay
+#: as they were): the component that broke the sample and the passes spent on it
+AUTO_COLUMNS = ["broken_by", "forwards", "backwards"]
 #: dtypes pandas cannot infer from a CSV holding only empty strings
-_CSV_DTYPES = {"source": "string", "eps_units": "string"}
+_CSV_DTYPES = {"source": "string", "eps_units": "string", "broken_by": "string"}
 
 
 def eps_units(bounds: tuple[float, float] | None) -> str:
@@ -39,7 +42,7 @@ def records_from(res: AttackResult, *, model: str, attack: str, backend: str, so
 
     target = (pd.array(tile(res.targets.numpy()), dtype="Int64") if res.targets is not None
               else pd.array([pd.NA] * (e_count * m), dtype="Int64"))
-    return pd.DataFrame({
+    df = pd.DataFrame({
         "model": model, "attack": attack, "backend": backend, "source": source,
         "targeted": res.targeted, "target": target, "epsilon": eps,
         "sample": tile(samples), "label": tile(res.y.numpy()),
@@ -47,6 +50,11 @@ def records_from(res: AttackResult, *, model: str, attack: str, backend: str, so
         "success": res.success.numpy().reshape(-1), "linf": res.linf.numpy().reshape(-1),
         "l2": res.l2.numpy().reshape(-1), "eps_units": units,
     }, columns=RECORD_COLUMNS)
+    if "broken_by" in res.info:
+        df["broken_by"] = np.asarray(res.info["broken_by"], dtype=object).reshape(-1)
+        df["forwards"] = np.asarray(res.info["sample_forwards"]).reshape(-1)
+        df["backwards"] = np.asarray(res.info["sample_backwards"]).reshape(-1)
+    return df
 
 
 def read_records(path) -> pd.DataFrame:
@@ -67,6 +75,8 @@ def normalise_records(df: pd.DataFrame) -> pd.DataFrame:
     df["targeted"] = df["targeted"].astype(bool)
     df["success"] = df["success"].astype(bool)
     df["source"] = df["source"].astype("string").fillna("")
+    if "broken_by" in df:
+        df["broken_by"] = df["broken_by"].astype("string").fillna("")
     return df[RECORD_COLUMNS + [c for c in df.columns if c not in RECORD_COLUMNS]]
 
 

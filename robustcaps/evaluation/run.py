@@ -14,6 +14,7 @@ import os
 import platform
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,12 @@ from ..errors import ModelRuntimeError, NonFiniteError, RobustcapsError
 from ..models.adapter import ModelAdapter
 from ..models.resolve import model_spec, resolve_model, state_sha256
 from ..utils import atomic_write, resolve_device, seed_everything
-from .config import DEFAULT_TRANSFER_SOURCE, DEFAULT_TRANSFER_TARGETS, EvaluationConfig
+from .config import (
+    AUTO_COMPONENTS,
+    DEFAULT_TRANSFER_SOURCE,
+    DEFAULT_TRANSFER_TARGETS,
+    EvaluationConfig,
+)
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
 from .records import concat_records, eps_units, read_records, records_from
 from .store import RunStore, now
@@ -97,6 +103,7 @@ class UnitContext:
     store: RunStore
     n_examples: int
     examples_backend: str
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -132,7 +139,7 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
                        n=len(data), batch_size=config.batch_size, transfer=transfer)
     ctx = UnitContext(data, np.asarray(config.threat.epsilons, dtype=np.float64),
                       identity["eps_units"], _attack_params(config), store, out.n_examples,
-                      config.threat.backend[0])
+                      config.threat.backend[0], config.run.seed)
     try:
         records, timings = run_units(units, ctx, log, progress=out.progress)
     except RobustcapsError as exc:  # the manifest says why the run has no results
@@ -142,9 +149,22 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
 
 
 def _attack_params(config: EvaluationConfig) -> dict[str, Any]:
+    """Settings for every attack (each drops those it does not take; None: its default)."""
     t = config.threat
-    return {"steps": t.steps, "step_size": t.step_size, "early_stop": t.early_stop,
-            "batch_size": config.batch_size}
+    given = {"steps": t.steps, "step_size": t.step_size, "components": t.components}
+    return {**{k: v for k, v in given.items() if v is not None},
+            "early_stop": t.early_stop, "batch_size": config.batch_size}
+
+
+def unit_seed(run_seed: int, key: str) -> int:
+    """The seed of one unit's random starts: from the run seed and the unit key, so that
+    units (and shards of a run) draw independent, reproducible starts."""
+    state = np.random.SeedSequence([int(run_seed), zlib.crc32(key.encode())])
+    return int(state.generate_state(1)[0])
+
+
+def _unit_attack(name: str, backend: str, unit_key: str, ctx: UnitContext):
+    return get_attack(name, backend=backend, **ctx.params, seed=unit_seed(ctx.seed, unit_key))
 
 
 # --------------------------------------------------------------------------- data
@@ -274,6 +294,7 @@ def run_identity(config: EvaluationConfig, data: Dataset, models: Models,
         "steps": t.steps, "step_size": t.step_size,
         "step_size_rule": "step_size" if t.step_size is not None else f"{BIM_TRAVEL} * eps / steps",
         "early_stop": t.early_stop, "loss": t.loss, "n_samples": int(n_samples),
+        **({"auto_components": list(t.components or AUTO_COMPONENTS)} if "auto" in t.attack else {}),
         "batch_size": config.batch_size, "seed": config.run.seed,
         "dataset": {"name": data.name, "split": config.data.split, "n": len(data),
                     "fingerprint": data.fingerprint},
@@ -399,7 +420,7 @@ def _attack_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
 def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                    targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     keep = (unit.batch == 0 and not unit.targeted and unit.backend == ctx.examples_backend)
-    attack = get_attack(unit.attack, backend=unit.backend, **ctx.params)
+    attack = _unit_attack(unit.attack, unit.backend, unit.key, ctx)
     res = attack.run(unit.model, x, y, ctx.epsilons, targets=targets, return_adv=keep)
     path = ctx.store.examples_path(f"{unit.attack}__{safe_name(unit.model.name)}")
     if keep and path is not None and ctx.n_examples > 0:
@@ -411,7 +432,7 @@ def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: tor
 def _run_transfer(unit: TransferUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                   targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     """Craft once on the source, evaluate every target on the same inputs."""
-    crafter = get_attack(unit.attack, backend=unit.backend, **ctx.params)
+    crafter = _unit_attack(unit.attack, unit.backend, unit.key, ctx)
     crafted = crafter.run(unit.source, x, y, ctx.epsilons, targets=targets, return_adv=True)
     name = unit.source.name
     frames = [records_from(evaluate_on(t, crafted, x.cpu(), name, ctx.params["batch_size"]),
