@@ -22,6 +22,8 @@ import torch
 import robustcaps
 from robustcaps.attacks.apgd import APGD, APGDT
 from robustcaps.attacks.backends import TorchattacksAPGD, TorchattacksAPGDT
+from robustcaps.attacks import get_attack
+from robustcaps.attacks.capsule import VoteAttack
 from robustcaps.attacks.native import BIM
 from robustcaps.attacks.pgd import PGD
 from robustcaps.data import load_dataset
@@ -35,6 +37,15 @@ ATTACKS = {
     "ta-apgd-ce": lambda: TorchattacksAPGD(loss="ce", steps=100, seed=0),
     "ta-apgd-dlr": lambda: TorchattacksAPGD(loss="dlr", steps=100, seed=0),
     "ta-apgd-t": lambda: TorchattacksAPGDT(steps=100, seed=0),
+    # capsule-aware attacks (issue 14); the loss is the adapter's unless named
+    "apgd-cw": lambda: APGD(loss="cw", steps=100, seed=0),
+    "apgd-bpda": lambda: get_attack("apgd-bpda", seed=0),
+    "apgd-bpda-cw": lambda: get_attack("apgd-bpda", seed=0, loss="cw"),
+    "pgd-bpda": lambda: get_attack("pgd-bpda", seed=0),
+    "vote-attack": lambda: get_attack("vote-attack", seed=0),
+    "vote-class": lambda: VoteAttack(seed=0, layers=["class"]),
+    "pgd-cw-unbounded": lambda: PGD(steps=100, loss="cw", seed=0),
+    "apgd-dlr-unbounded": lambda: APGD(loss="dlr", steps=100, seed=0),
 }
 
 
@@ -44,6 +55,9 @@ def main() -> None:
     p.add_argument("--models", default="cnn,capsnet-small")
     p.add_argument("--attacks", default="bim,pgd,apgd-ce,apgd-dlr,apgd-t")
     p.add_argument("--eps", default="0.1,0.2,0.5")
+    p.add_argument("--n", type=int, default=100, help="the first N of the 100 samples")
+    p.add_argument("--clean-correct", action="store_true",
+                   help="attack only each model's clean-correct samples (unbounded check)")
     p.add_argument("--table", action="store_true", help="print OUT.jsonl as a table")
     args = p.parse_args()
     if args.table:
@@ -55,14 +69,21 @@ def main() -> None:
     assert ds.fingerprint == "b4763292cfeda491", ds.fingerprint
     for model in args.models.split(","):
         adapter = robustcaps.load_model(model, device="cpu")
+        x, y = ds.x[:args.n], ds.y[:args.n]
+        if args.clean_correct:
+            keep = adapter.predict(x).cpu() == y
+            x, y = x[keep], y[keep]
         for name in args.attacks.split(","):
             t0 = time.perf_counter()
-            res = ATTACKS[name]().run(adapter, ds.x, ds.y, eps)
+            res = ATTACKS[name]().run(adapter, x, y, eps)
             row = {"model": model, "attack": name, "backend": res.backend, "eps": eps,
                    "clean_acc": float((res.clean_pred == res.y).double().mean()),
                    "accuracy": res.accuracy.tolist(), "seconds": time.perf_counter() - t0,
                    "correct": (res.adv_pred == res.y[None]).tolist(),
-                   "max_linf": res.linf.amax(dim=1).tolist()}
+                   "max_linf": res.linf.amax(dim=1).tolist(), "n": int(len(y))}
+            for key in ("surrogate_successes", "true_successes", "loss_used"):
+                if key in res.info:
+                    row[key] = res.info[key]
             for key in ("sample_forwards", "sample_backwards"):
                 if key in res.info:
                     row[key + "_mean"] = res.info[key].mean(axis=1).tolist()

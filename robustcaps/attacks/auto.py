@@ -84,6 +84,17 @@ class AutoAttack(Attack):
         return state.result(self, skipped)
 
 
+def _costs(r: AttackResult) -> tuple[np.ndarray, np.ndarray]:
+    """(E, M) forward and backward passes per sample; for attacks that count only batched
+    calls (FGSM/BIM natively, the libraries) those counts, charged once (an upper bound)."""
+    if "sample_forwards" in r.info:
+        return r.info["sample_forwards"], r.info["sample_backwards"]
+    fw, bw = (np.zeros(r.success.shape, dtype=np.int64) for _ in range(2))
+    top = int(np.argmax(r.epsilons))
+    fw[top], bw[top] = r.info.get("forwards", 0), r.info.get("backwards", 0)
+    return fw, bw
+
+
 class _WorstCase:
     """The running worst case: per (epsilon, sample) prediction, norms, breaker, cost."""
 
@@ -110,7 +121,8 @@ class _WorstCase:
 
     def attack_with(self, name: str, atk: Attack) -> None:
         """Run ``atk`` on the samples still robust at some epsilon; keep its new successes."""
-        idx = self.robust.any(dim=0).nonzero().squeeze(1)
+        # eps = 0 cannot be attacked: only robustness at a positive epsilon calls for work
+        idx = self.robust[torch.as_tensor(self.eps > 0)].any(dim=0).nonzero().squeeze(1)
         if idx.numel() > 0:
             if hasattr(atk, "sample_index"):
                 atk.sample_index = idx.clone()
@@ -124,8 +136,7 @@ class _WorstCase:
 
     def _keep(self, name: str, idx: torch.Tensor, r: AttackResult) -> None:
         cols = idx.numpy()
-        fw = r.info.get("sample_forwards", np.full(r.success.shape, r.info.get("forwards", 0)))
-        bw = r.info.get("sample_backwards", np.full(r.success.shape, r.info.get("backwards", 0)))
+        fw, bw = _costs(r)
         self.fw[:, cols] += np.asarray(fw, dtype=np.int64)
         self.bw[:, cols] += np.asarray(bw, dtype=np.int64)
         new = self.robust[:, idx] & r.success.cpu()

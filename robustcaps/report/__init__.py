@@ -18,6 +18,7 @@ import pandas as pd
 from ..errors import RobustcapsError
 from ..evaluation.store import COMPLETE_MARKER, write_csv
 from ..utils import ensure_dir
+from .auto import auto_breakdown, breakdown_text
 from .tables import (
     RECORD_COLUMNS,
     SUMMARY_COLUMNS,
@@ -82,6 +83,10 @@ def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
     if not disagreement.empty:
         out["backend_agreement"] = write_csv(disagreement, dest / "backend_agreement.csv")
     table = console_table(summary)
+    breakdown = auto_breakdown(records, (manifest.get("config") or {}).get("auto_components"))
+    if not breakdown.empty:
+        out["auto_breakdown"] = write_csv(breakdown, dest / "auto_breakdown.csv")
+        table += "\n\n" + breakdown_text(breakdown)
     if not disagreement.empty:
         worst = disagreement.loc[disagreement["max_abs_diff_pp"].idxmax()]
         table += (f"\nlargest backend disagreement: {worst['max_abs_diff_pp']:.2f} pp "
@@ -98,6 +103,7 @@ def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
             "accuracy_vs_epsilon": plots.plot_accuracy_vs_epsilon(summary, fig_dir, num_classes),
             "targeted_success_vs_epsilon": plots.plot_targeted_success(summary, fig_dir),
             "transfer_heatmap": plots.plot_transfer_heatmap(summary, fig_dir),
+            "auto_breakdown": plots.plot_auto_breakdown(breakdown, fig_dir),
             "adversarial_examples": plots.plot_adversarial_examples(
                 sorted((run_dir / "examples").glob("*.npz")), fig_dir,
                 data.get("class_names"), data.get("eps_units")),

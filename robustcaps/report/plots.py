@@ -208,3 +208,30 @@ def plot_adversarial_examples(example_files: list[Path], out_dir: Path,
     fig.suptitle(f"{chosen.upper()} adversarial examples{units} (red: misclassified)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return _save(fig, out_dir, "adversarial_examples")
+
+
+def plot_auto_breakdown(breakdown: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Robust accuracy (targeted: success) vs epsilon of the worst case up to each
+    component of ``auto`` (the last curve is the worst case); one panel per model and mode."""
+    if breakdown.empty:
+        return []
+    panels = list(breakdown.groupby(["model", "targeted"], sort=False))
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 1.8, 4.0),
+                             squeeze=False, sharey=True)
+    for ax, ((model, targeted), grp) in zip(axes[0], panels, strict=True):
+        comps = list(dict.fromkeys(grp["component"]))
+        for i, comp in enumerate(comps):
+            c = grp[grp["component"] == comp].sort_values("epsilon")
+            last = i == len(comps) - 1
+            ax.plot(c["epsilon"], 100 * c["value_after"], "-" if last else "--", marker="o",
+                    ms=4, lw=2.5 if last else 1.2,
+                    label=f"auto (worst case, after {comp})" if last else f"after {comp}")
+        ax.set_title(f"{model} ({'targeted' if targeted else 'untargeted'})")
+        ax.set_xlabel(_eps_label(grp))
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("accuracy (targeted: success) %")
+    fig.suptitle("auto: worst case per sample, component by component")
+    fig.tight_layout()
+    return _save(fig, out_dir, "auto_breakdown")
