@@ -35,8 +35,15 @@ def test_builtin_table():
     # sweep settings an implementation does not take are dropped, the others kept
     assert get_attack("bim", "torchattacks", steps=3, early_stop=False).steps == 3
     assert get_attack("bim", steps=4, early_stop=False).early_stop is False
-    with pytest.raises(RobustcapsError, match="unknown attack 'pgd'; known: fgsm, bim"):
-        get_attack("pgd")
+    assert set(list_attacks()) >= {"pgd", "apgd-ce", "apgd-dlr", "apgd-t", "pgd-bpda",
+                                   "apgd-bpda", "vote-attack", "auto"}
+    for name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
+        assert registry.attack_entry(name).backends == ("native", "torchattacks")
+    # settings reach a subclass that forwards them to its parent (**settings)
+    assert get_attack("apgd-ce", steps=7, seed=5).steps == 7
+    assert get_attack("apgd-dlr", "torchattacks", steps=6, seed=2).seed == 2
+    with pytest.raises(RobustcapsError, match="unknown attack 'pgd2'; known: fgsm, bim"):
+        get_attack("pgd2")
     with pytest.raises(RobustcapsError, match="unknown backend"):
         get_attack("fgsm", backend="cleverhans")
     with pytest.raises(ValueError, match="registered twice"):
@@ -84,9 +91,9 @@ def test_attacks_command_lists_names_backends_descriptions():
 def test_config_is_frozen_validated_and_round_trips():
     cfg = EvaluationConfig.from_kwargs(attack="all", targeted=True, epsilons=[0, 0.1],
                                        steps=3, models=["cnn", {"spec": "cnn", "name": "b"}])
-    assert cfg.threat.attack == ("fgsm", "bim", "transfer")
+    assert cfg.threat.attack == (*list_attacks(), "transfer")
     assert cfg.threat.targeted is Targeting.TARGETED and cfg.threat.targeted.flags == (True,)
-    assert cfg.white_box == ("fgsm", "bim") and cfg.batch_size == 100
+    assert cfg.white_box == list_attacks() and cfg.batch_size == 100
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.threat.steps = 4
     again = EvaluationConfig.from_kwargs(**json.loads(json.dumps(cfg.to_manifest())))

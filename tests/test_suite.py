@@ -43,7 +43,7 @@ def _write(tmp_path, text):
 
 @pytest.mark.parametrize("text, needle", [
     ('attack = "fgsm"\nepsilon = [0.1]\n', "unknown key 'epsilon'"),
-    ('attack = "pgd"\n', "'attack' must be"),
+    ('attack = "pgd2"\n', "'attack' must be"),
     ('steps = 0\n', "'steps' must be an integer >= 1"),
     ('steps = 2.5\n', "'steps'"),
     ('epsilons = [0.1, -0.2]\n', "'epsilons' must be"),

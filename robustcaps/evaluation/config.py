@@ -476,4 +476,16 @@ def read_invocation(run_dir: str | Path) -> dict[str, Any]:
     if unknown:
         raise RobustcapsError(f"cannot resume {run_dir}: its manifest has settings this version "
                               f"does not know ({', '.join(unknown)})")
+    return _pin_all(invocation, Path(run_dir) / "config.json")
+
+
+def _pin_all(invocation: dict[str, Any], config_json: Path) -> dict[str, Any]:
+    """``all`` as a stored attack or backend means what it named when the run started (its
+    config.json), not every one registered since."""
+    stored = json.loads(config_json.read_text()) if config_json.is_file() else {}
+    for key, resolved in (("attack", "attacks"), ("backend", "backends")):
+        value = invocation.get(key)
+        names = [value] if isinstance(value, str) else value or []
+        if "all" in names and isinstance(stored.get(resolved), list):
+            invocation[key] = stored[resolved]
     return invocation
