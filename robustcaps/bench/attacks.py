@@ -35,8 +35,11 @@ def _time(fn, repeats: int) -> tuple[float, Any]:
 
 
 def run_bench(models: list[str], n_samples: int, dataset: str, device: str, seed: int,
-              steps: int = 10, repeats: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Time the three backends; returns a JSON-friendly dict."""
+              steps: int = 10, repeats: int = 1, progress: bool = True,
+              iterative_samples: int = 0) -> dict[str, Any]:
+    """Time the three backends; returns a JSON-friendly dict. ``iterative_samples`` > 0
+    adds native PGD/APGD against torchattacks on the first that many samples
+    (:func:`robustcaps.bench.iterative.compare_iterative`, under ``"iterative"``)."""
     from ..attacks import get_attack
     from ..data import load_dataset
     from ..models.loading import load_model
@@ -86,5 +89,10 @@ def run_bench(models: list[str], n_samples: int, dataset: str, device: str, seed
         row["fgsm_target_met"] = row["fgsm_speedup_vs_foolbox"] >= 3.0
         row["bim_target_met"] = (row["bim_speedup_vs_torchattacks"] >= 2.0
                                  and row["bim_native_acc_minus_torchattacks_max"] <= 1e-12)
+        if iterative_samples > 0:
+            from .iterative import compare_iterative
+
+            row["iterative"] = compare_iterative(adapter, x[:iterative_samples], y[:iterative_samples],
+                                                 repeats=repeats, progress=progress)
         out["models"][spec] = row
     return out

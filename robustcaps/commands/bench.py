@@ -30,14 +30,19 @@ def command() -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Best of N timings.")
+@click.option("--iterative-samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Also PGD-50, APGD-CE/DLR/T-100 native vs torchattacks at eps 0.1, 0.2 on "
+              "the first N samples (0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 @common_options(skip=("out", "batch_size"))
-def attacks(common, models, n_samples, dataset, steps, repeats, as_json) -> None:
-    """Native vs torchattacks vs foolbox: 11-epsilon FGSM and 10-step BIM sweeps."""
+def attacks(common, models, n_samples, dataset, steps, repeats, iterative_samples, as_json) -> None:
+    """Native vs torchattacks vs foolbox: 11-epsilon FGSM and 10-step BIM sweeps; PGD and
+    APGD native vs torchattacks."""
     from ..bench.attacks import EPSILONS, run_bench
 
     res = run_bench(list(models), n_samples, dataset, common.device, common.seed, steps,
-                    repeats, progress=not (as_json or common.quiet))
+                    repeats, progress=not (as_json or common.quiet),
+                    iterative_samples=iterative_samples)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -55,6 +60,21 @@ def attacks(common, models, n_samples, dataset, steps, repeats, as_json) -> None
         click.echo(f"  BIM  speed-up vs torchattacks {r['bim_speedup_vs_torchattacks']:.1f}x (target 2x), "
                    f"vs foolbox {r['bim_speedup_vs_foolbox']:.1f}x; without early stop "
                    f"{r['bim_no_early_stop_speedup_vs_torchattacks']:.1f}x")
+        _echo_iterative(r.get("iterative"))
+
+
+def _echo_iterative(it) -> None:
+    """One line per PGD/APGD attack: seconds, robust accuracy per epsilon, speed-up."""
+    if not it:
+        return
+    eps = ", ".join(f"{e:g}" for e in it["epsilons"])
+    for name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t"):
+        r = it[name]
+        acc = lambda v: "/".join(f"{100 * a:.0f}" for a in v)  # noqa: E731
+        click.echo(f"  {name:8s} native {r['native_s']:.2f}s (acc% {acc(r['native_adv_acc'])}) | "
+                   f"torchattacks {r['torchattacks_s']:.2f}s (acc% {acc(r['torchattacks_adv_acc'])})"
+                   f" at eps {eps}: speed-up {r['speedup_vs_torchattacks']:.1f}x, native minus "
+                   f"torchattacks accuracy max {100 * r['native_acc_minus_torchattacks_max']:+.0f} pp")
 
 
 @command.command("data")
