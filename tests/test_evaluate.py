@@ -76,7 +76,7 @@ def test_records_and_summary(data):
 
 
 def _run(out, x, y, **kw):
-    return evaluate([net(0, "a"), net(1, "b")], dataset=(x, y), attack="all", targeted="both",
+    return evaluate([net(0, "a"), net(1, "b")], dataset=(x, y), attack=["fgsm", "bim", "transfer"], targeted="both",
                     epsilons=[0, 0.2, 0.6], steps=2, batch_size=7, out=out, progress=False,
                     source=net(2, "src"), transfer_targets=[net(3, "tgt")], figures=False, n_samples=14, **kw)
 
@@ -184,7 +184,7 @@ def _cli(args, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--attack", "fgsm", "--epsilons", "0,abc"], "'abc' is not a number"),
     (["--attack", "fgsm", "--epsilons", "0,-0.1"], ">= 0"),
-    (["--attack", "pgd"], "--attack"),
+    (["--attack", "pgd2"], "--attack"),
     (["--attack", "fgsm", "--eps-range", "0:1"], "START:STOP:STEP"),
     (["--attack", "fgsm", "--model", "no-such-model"], "no-such-model"),
     (["--epsilons", "0.1"], "--attack"),

@@ -1,5 +1,8 @@
-"""Attacks: the Attack protocol, the registry, the built-in FGSM/BIM sweep engine
-(backend ``native``), torchattacks/foolbox backends and transfer.
+"""Attacks: the Attack protocol, the registry, the built-in sweep engine (backend
+``native``: FGSM, BIM, PGD, APGD-CE/DLR/T), torchattacks/foolbox backends, transfer, the
+capsule-aware attacks (``pgd-bpda``, ``apgd-bpda``, ``vote-attack``: gradients from a
+routing surrogate, success judged on the true model; :mod:`.capsule`) and ``auto``, the
+per-sample worst case over a list of them (:mod:`.auto`).
 
 >>> from robustcaps.attacks import get_attack
 >>> attack = get_attack("bim", backend="native", steps=10)      # doctest: +SKIP

@@ -84,6 +84,8 @@ class _CapsuleAware(Attack):
     """An inner native attack run on a :class:`SurrogateAdapter`, judged on the true model."""
 
     mode = "bpda"
+    #: the evaluation plans no unit of this attack for other models (a documented skip)
+    capsule_only = True
     default_layers: tuple[str, ...] | None = None
 
     inner_cls: type = APGD

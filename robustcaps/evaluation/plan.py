@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attacks.registry import DEFAULT_BACKEND
+from ..attacks.capsule import is_capsule_model
+from ..attacks.registry import DEFAULT_BACKEND, attack_entry
 from ..models.adapter import ModelAdapter
 
 
@@ -70,14 +71,27 @@ def batches(n: int, batch_size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+def skip_reason(attack: str, backend: str, model: ModelAdapter) -> str | None:
+    """Why ``attack`` (``backend``) does not run on ``model`` (None: it does): no such
+    implementation (``--backend all``), or a capsule-aware attack on another model."""
+    cls = attack_entry(attack).implementations.get(backend)
+    if cls is None:
+        return f"{attack} has no {backend} implementation"
+    if getattr(cls, "capsule_only", False) and not is_capsule_model(model):
+        return f"{attack} needs an EM-routing capsule network; {model.name} is not one"
+    return None
+
+
 def plan_units(*, attacks: tuple[str, ...], backends: tuple[str, ...], modes: tuple[bool, ...],
                models: list[ModelAdapter], n: int, batch_size: int,
                transfer: tuple[str, ModelAdapter, list[ModelAdapter]] | None = None) -> list[Unit]:
-    """Every unit, white-box first (attack, model, backend, mode, batch), then transfer
-    (mode, batch). ``transfer``: (crafting attack, source, targets) or None."""
+    """Every unit, white-box first (attack, model, backend, mode, batch; pairs with a
+    :func:`skip_reason` left out), then transfer (mode, batch). ``transfer``: (crafting
+    attack, source, targets) or None."""
     parts = batches(n, batch_size)
     units: list[Unit] = [WhiteBoxUnit(a, bk, m, t, b, pos)
                          for a in attacks for m in models for bk in backends
+                         if skip_reason(a, bk, m) is None
                          for t in modes for b, pos in enumerate(parts)]
     if transfer is not None:
         attack, source, targets = transfer

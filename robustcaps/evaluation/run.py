@@ -39,7 +39,7 @@ from .config import (
     DEFAULT_TRANSFER_TARGETS,
     EvaluationConfig,
 )
-from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
+from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name, skip_reason
 from .records import concat_records, eps_units, read_records, records_from
 from .store import RunStore, now
 
@@ -134,6 +134,7 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     store.write_manifest(manifest)
     transfer = None if models.source is None else (
         config.transfer.transfer_attack, models.source, models.targets)
+    _warn_skipped(config, models, log)
     units = plan_units(attacks=config.white_box, backends=config.threat.backend,
                        modes=config.threat.targeted.flags, models=models.white,
                        n=len(data), batch_size=config.batch_size, transfer=transfer)
@@ -146,6 +147,16 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
         store.write_manifest({**manifest, "status": "failed", "error": str(exc)})
         raise
     return finish(records, store, manifest, timings, t_start, figures=out.figures)
+
+
+def _warn_skipped(config: EvaluationConfig, models: Models, log: RunLog) -> None:
+    """Say which (attack, backend, model) combinations the plan leaves out, and why."""
+    for a in config.white_box:
+        for bk in config.threat.backend:
+            for m in models.white:
+                reason = skip_reason(a, bk, m)
+                if reason is not None:
+                    log.warn(f"skipped: {reason}")
 
 
 def _attack_params(config: EvaluationConfig) -> dict[str, Any]:
