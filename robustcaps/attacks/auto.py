@@ -30,7 +30,7 @@ from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
 from .base import Attack, AttackResult
 from .capsule import _CapsuleAware, is_capsule_model
-from .native import check_epsilons, check_inputs, check_targets
+from .native import check_run
 from .registry import attack_entry, get_attack, register_attack
 
 #: the default components, cheapest first (attacks/auto.toml documents the measured costs)
@@ -70,9 +70,7 @@ class AutoAttack(Attack):
     def run(self, adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor,
             epsilons: Sequence[float], targets: torch.Tensor | None = None, *,
             return_adv: bool = False) -> AttackResult:
-        eps = check_epsilons(epsilons)
-        check_inputs(adapter, x, y)
-        check_targets(adapter, y, targets)
+        eps = check_run(adapter, x, y, epsilons, targets)
         state = _WorstCase(adapter, x, y, eps, targets, return_adv)
         skipped = []
         for name in self.components:

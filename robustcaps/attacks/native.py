@@ -86,6 +86,15 @@ def check_inputs(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> Non
             )
 
 
+def check_run(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor, epsilons,
+              targets: torch.Tensor | None) -> np.ndarray:
+    """The checks every ``Attack.run`` starts with; returns the epsilons as an array."""
+    eps = check_epsilons(epsilons)
+    check_inputs(adapter, x, y)
+    check_targets(adapter, y, targets)
+    return eps
+
+
 def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, ...) pair -> (linf (N,), l2 (N,)) norms of ``x_adv - x`` in float64."""
     d = (x_adv.double() - x.double()).flatten(1)

@@ -41,7 +41,7 @@ import torch
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
 from .base import Attack, AttackResult
-from .native import _concat, _is_success, _result, check_epsilons, check_inputs, check_targets
+from .native import _concat, _is_success, _result, check_run
 
 NORMS = ("linf", "l2")
 
@@ -255,9 +255,7 @@ class RestartAttack(Attack):
     def run(self, adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor,
             epsilons: Sequence[float], targets: torch.Tensor | None = None, *,
             return_adv: bool = False) -> AttackResult:
-        eps = check_epsilons(epsilons)
-        check_inputs(adapter, x, y)
-        check_targets(adapter, y, targets)
+        eps = check_run(adapter, x, y, epsilons, targets)
         self._check_model(adapter, targets is not None)
         t0 = time.perf_counter()
         bs = self.batch_size or max(1, x.shape[0])
