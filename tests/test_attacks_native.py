@@ -181,7 +181,7 @@ def test_bad_parameters():
     with pytest.raises(RobustcapsError, match="step_size"):
         BIM(step_size=-1.0)
     with pytest.raises(RobustcapsError, match="unknown attack"):
-        get_attack("pgd")
+        get_attack("pgd2")
     with pytest.raises(RobustcapsError, match="unknown backend"):
         get_attack("fgsm", backend="cleverhans")
     with pytest.raises(RobustcapsError, match="loss"):
