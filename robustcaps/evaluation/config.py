@@ -55,10 +55,10 @@ DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.05 * i, 10) for i in range(1
 #: entry cost like BIM.
 DEFAULT_N_SAMPLES = {"fgsm": 500, "bim": 200, "transfer": 500, "pgd": 40, "apgd-ce": 20,
                      "apgd-dlr": 20, "apgd-t": 10, "pgd-bpda": 20, "apgd-bpda": 10,
-                     "vote-attack": 10, "auto": 20}
+                     "vote-attack": 10, "auto": 10}
 DEFAULT_TARGETED_N_SAMPLES = {"fgsm": 100, "bim": 40, "transfer": 100, "pgd": 10, "apgd-ce": 5,
                               "apgd-dlr": 5, "apgd-t": 5, "pgd-bpda": 5, "apgd-bpda": 3,
-                              "vote-attack": 3, "auto": 5}
+                              "vote-attack": 3, "auto": 3}
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_MODELS = ("capsnet-small", "cnn")
 DEFAULT_TRANSFER_SOURCE = "cnn"
