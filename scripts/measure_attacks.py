@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--attacks", default="bim,pgd,apgd-ce,apgd-dlr,apgd-t")
     p.add_argument("--eps", default="0.1,0.2,0.5")
     p.add_argument("--n", type=int, default=100, help="the first N of the 100 samples")
+    p.add_argument("--start", type=int, default=0, help="skip the first START samples")
     p.add_argument("--clean-correct", action="store_true",
                    help="attack only each model's clean-correct samples (unbounded check)")
     p.add_argument("--table", action="store_true", help="print OUT.jsonl as a table")
@@ -69,7 +70,7 @@ def main() -> None:
     assert ds.fingerprint == "b4763292cfeda491", ds.fingerprint
     for model in args.models.split(","):
         adapter = robustcaps.load_model(model, device="cpu")
-        x, y = ds.x[:args.n], ds.y[:args.n]
+        x, y = ds.x[args.start:args.n], ds.y[args.start:args.n]
         if args.clean_correct:
             keep = adapter.predict(x).cpu() == y
             x, y = x[keep], y[keep]
