@@ -51,14 +51,16 @@ DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.05 * i, 10) for i in range(1
 #: targeted runs attack K-1 = 4 (sample, target) pairs per sample. PGD costs up to 50 and
 #: APGD 100 fwd+bwd per sample and epsilon (APGD-T: 100 per wrong class), the capsule-aware
 #: ones about twice as much per pass (the surrogate runs the routing as a plain autograd
-#: graph); auto attacks only what the cheaper components left robust. Attacks without an
+#: graph); auto attacks only what the cheaper components left robust, but a sample robust
+#: at the small epsilons costs every component there (measured: 10 samples x 11 epsilons
+#: on capsnet-small took over 9 minutes on the loaded 2-core host, hence 3). Attacks without an
 #: entry cost like BIM.
 DEFAULT_N_SAMPLES = {"fgsm": 500, "bim": 200, "transfer": 500, "pgd": 40, "apgd-ce": 20,
                      "apgd-dlr": 20, "apgd-t": 10, "pgd-bpda": 20, "apgd-bpda": 10,
-                     "vote-attack": 10, "auto": 10}
+                     "vote-attack": 10, "auto": 3}
 DEFAULT_TARGETED_N_SAMPLES = {"fgsm": 100, "bim": 40, "transfer": 100, "pgd": 10, "apgd-ce": 5,
                               "apgd-dlr": 5, "apgd-t": 5, "pgd-bpda": 5, "apgd-bpda": 3,
-                              "vote-attack": 3, "auto": 3}
+                              "vote-attack": 3, "auto": 1}
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_MODELS = ("capsnet-small", "cnn")
 DEFAULT_TRANSFER_SOURCE = "cnn"
