@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,11 @@ def repo_root() -> Path | None:
 def atomic_write(path: str | Path, write: Callable[[Path], Any], suffix: str = ".part") -> Path:
     """``write(tmp)`` then rename ``tmp`` onto ``path``: readers never see half a file.
 
-    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end).
+    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end), after a
+    random part: processes sharing a run directory may write the same file at once.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + suffix)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
     write(tmp)
     os.replace(tmp, path)
     return path

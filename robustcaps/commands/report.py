@@ -17,10 +17,15 @@ def command(common, run_dir: Path, no_figures: bool) -> None:
     """Rebuild summary.csv, summary_per_target.csv, table.txt and figures/ of RUN_DIR.
 
     Everything is recomputed from RUN_DIR/records.csv.gz (plus manifest.json for class
-    names and examples/*.npz for the example grid), so any figure can be regenerated.
+    names and examples/*.npz for the example grid), so any figure can be regenerated. A run
+    whose processes (--shard I/N, torchrun) have all finished is merged first; otherwise
+    the missing units and shards are named.
     """
     from ..report import COMPLETE_MARKER, build_report
 
+    if not (run_dir / "records.csv.gz").is_file() and (run_dir / "plan.json").is_file():
+        _merge(common, run_dir, no_figures)  # a run filled unit by unit (shards, torchrun)
+        return
     result = build_report(run_dir, figures=not no_figures)
     if not (run_dir / COMPLETE_MARKER).is_file():
         click.echo(f"Warning: {run_dir} has no {COMPLETE_MARKER} marker; the records may be "
@@ -30,3 +35,15 @@ def command(common, run_dir: Path, no_figures: bool) -> None:
     common.echo("files:")
     for path in result.values():
         click.echo(f"  {path}")
+
+
+def _merge(common, run_dir: Path, no_figures: bool) -> None:
+    from ..evaluation.merge import merge_run
+
+    result = merge_run(run_dir, figures=not no_figures)
+    common.echo(result.table)
+    common.echo("")
+    common.echo("files:")
+    for name, path in result.paths.items():
+        if name != "complete":
+            click.echo(f"  {path}")

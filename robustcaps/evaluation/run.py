@@ -32,8 +32,22 @@ from ..models.adapter import ModelAdapter
 from ..models.resolve import model_spec, resolve_model, state_sha256
 from ..utils import atomic_write, resolve_device, seed_everything
 from .config import DEFAULT_TRANSFER_SOURCE, DEFAULT_TRANSFER_TARGETS, EvaluationConfig
+from .distributed import (
+    MERGE_CLAIM,
+    Workers,
+    claim,
+    clear_claims,
+    detect_workers,
+    my_units,
+    open_run,
+    scale_summary,
+    unit_cost,
+    write_plan,
+    write_stats,
+)
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
 from .records import concat_records, eps_units, records_from
+from .seeding import attack_params, unit_seed
 from .store import RunStore, now
 
 
@@ -44,7 +58,8 @@ class EvaluationResult:
     ``records``: one row per sample x model x attack x backend x target x epsilon
     (columns :data:`~robustcaps.evaluation.records.RECORD_COLUMNS`); ``summary`` /
     ``per_target``: aggregations; ``disagreement``: largest backend difference (pp);
-    ``paths``: written files by name (empty without ``out``); ``table``: console text.
+    ``paths``: written files by name (empty without ``out``); ``table``: console text;
+    ``complete``: False for a process that ran a share and did not merge (its records only).
     """
 
     records: pd.DataFrame
@@ -54,6 +69,7 @@ class EvaluationResult:
     paths: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     table: str = ""
+    complete: bool = True  # False: one process's share of a run on several processes
 
 
 class RunLog:
@@ -94,39 +110,68 @@ class UnitContext:
     store: RunStore
     n_examples: int
     examples_backend: str
+    seed: int = 0
+    progress: bool = False
+    figures: bool = True
 
 
 # --------------------------------------------------------------------------- evaluate
 def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = None,
-             command: str | None = None) -> EvaluationResult:
+             command: str | None = None, workers: Workers | None = None) -> EvaluationResult:
     """Run the white-box and/or transfer sweeps ``config`` describes; see
     :func:`robustcaps.evaluate` for the keyword form. ``echo`` prints progress messages,
-    ``command`` is the command line stored in the manifest."""
+    ``command`` is the command line stored in the manifest, ``workers`` this process's place
+    in a run on several processes (default: the torchrun group the environment names)."""
     t_start = time.perf_counter()
-    log = RunLog(echo)
-    out = config.output
-    if out.resume and out.out is None:
-        raise RobustcapsError("resume needs the run directory to continue (--out DIR)")
+    workers = workers or detect_workers(config.run.device)
+    config = _for_workers(config, workers)
+    log, out = RunLog(echo), config.output
     seed_everything(config.run.seed)
     data, n_samples = load_data(config, log)
     models = load_models(config, data, log)
     identity = run_identity(config, data, models, n_samples)
-    store = RunStore(out.out)
-    store.open(identity, out.resume)
-    if store:
-        log.say(f"run directory: {store.root}")
     manifest = start_manifest(config, data, models, identity, log, command)
-    store.write_manifest(manifest)
     transfer = None if models.source is None else (
         config.transfer.transfer_attack, models.source, models.targets)
     units = plan_units(attacks=config.white_box, backends=config.threat.backend,
                        modes=config.threat.targeted.flags, models=models.white,
                        n=len(data), batch_size=config.batch_size, transfer=transfer)
+    costs = [unit_cost(u, data.num_classes, config.threat.steps) for u in units]
+    store = RunStore(out.out, workers.writer)
+    open_run(store, identity, out.resume, workers,
+             lambda: _setup(store, manifest, units, costs, workers))
+    if store:
+        log.say(f"run directory: {store.root}")
     ctx = UnitContext(data, np.asarray(config.threat.epsilons, dtype=np.float64),
                       identity["eps_units"], _attack_params(config), store, out.n_examples,
-                      config.threat.backend[0])
-    records, timings = run_units(units, ctx, log, progress=out.progress)
-    return finish(records, store, manifest, timings, t_start, figures=out.figures)
+                      config.threat.backend[0], config.run.seed, out.progress, out.figures)
+    if workers.mode == "single":
+        records, timings = run_units(units, ctx, log, progress=out.progress)
+        return finish(records, store, manifest, timings, t_start, figures=out.figures)
+    return run_shared(units, costs, ctx, log, workers, manifest, t_start)
+
+
+def _for_workers(config: EvaluationConfig, workers: Workers) -> EvaluationConfig:
+    """Check the output settings; each torchrun rank on its own GPU."""
+    out = config.output
+    if out.resume and out.out is None:
+        raise RobustcapsError("resume needs the run directory to continue (--out DIR)")
+    if workers.mode != "single" and out.out is None:
+        raise RobustcapsError("a run on several processes shares its run directory: give --out DIR")
+    device = workers.device(config.run.device)
+    return config if device == config.run.device else config.replace(device=device)
+
+
+def _setup(store: RunStore, manifest: dict[str, Any], units: list[Unit], costs: list[float],
+           workers: Workers) -> None:
+    """What the first process writes before the others start: manifest, plan; and, for a
+    new launch, no claims left from a launch that died."""
+    if not store:
+        return
+    store.write_manifest(manifest)
+    write_plan(store, units, costs)
+    if workers.mode != "shard":
+        clear_claims(store)
 
 
 def _attack_params(config: EvaluationConfig) -> dict[str, Any]:
@@ -344,8 +389,51 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
     return chunks, timings
 
 
+def run_shared(units: list[Unit], costs: list[float], ctx: UnitContext, log: RunLog,
+               workers: Workers, manifest: dict[str, Any], t_start: float) -> EvaluationResult:
+    """Run this process's share; then the process that merges (rank 0, or the shard that
+    finds every unit done) writes the records and report of the whole run."""
+    from tqdm.auto import tqdm
+
+    t0, ran, frames = time.perf_counter(), {}, []
+    todo = tqdm(my_units(units, costs, ctx.store, workers), desc=f"evaluate ({workers.label})",
+                unit="unit", disable=not (ctx.progress and workers.rank == 0), leave=False)
+    for unit in todo:
+        t = time.perf_counter()
+        df = run_unit(unit, ctx)
+        ran[unit.key] = time.perf_counter() - t
+        frames.append(ctx.store.save_chunk(unit.key, df, ran[unit.key]))
+    write_stats(ctx.store, workers, ran, time.perf_counter() - t0)
+    log.say(f"{workers.label}: {len(ran)} units in {time.perf_counter() - t0:.1f} s")
+    workers.barrier()
+    merges = workers.main or (workers.mode == "shard" and _all_done(units, ctx.store)
+                              and claim(ctx.store.root / MERGE_CLAIM, workers))
+    result = _merge(units, ctx, manifest, workers, t_start) if merges else EvaluationResult(
+        concat_records(frames), *(pd.DataFrame(),) * 3, complete=False)
+    workers.barrier()  # every rank returns once the merged run is on disk
+    return result
+
+
+def _all_done(units: list[Unit], store: RunStore) -> bool:
+    return all(store.has_chunk(u.key) for u in units)
+
+
+def _merge(units: list[Unit], ctx: UnitContext, manifest: dict[str, Any], workers: Workers,
+           t_start: float) -> EvaluationResult:
+    """The whole run from every unit's chunk, in plan order (as a single process has it)."""
+    missing = [u.key for u in units if not ctx.store.has_chunk(u.key)]
+    if missing:
+        raise RobustcapsError(f"{len(missing)} units have no records after every rank finished "
+                              f"(first: {missing[0]}); continue with --resume")
+    chunks = [ctx.store.load_chunk(u.key) for u in units]
+    manifest["scale"] = scale_summary(ctx.store.root, workers)
+    return finish(chunks, ctx.store, manifest, ctx.store.unit_seconds(), t_start,
+                  figures=ctx.figures)
+
+
 def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
     """One unit's records (targeted units attack every sample towards each wrong class)."""
+    seed_everything(unit_seed(ctx.seed, unit.key))  # for code drawing from the global RNGs
     pos = unit.positions
     x, y, samples = ctx.data.x[pos], ctx.data.y[pos], ctx.data.meta["index"][pos]
     targets = None
@@ -360,7 +448,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
 def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                    targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     keep = (unit.batch == 0 and not unit.targeted and unit.backend == ctx.examples_backend)
-    attack = get_attack(unit.attack, backend=unit.backend, **ctx.params)
+    attack = get_attack(unit.attack, backend=unit.backend, **_unit_params(unit, ctx))
     res = attack.run(unit.model, x, y, ctx.epsilons, targets=targets, return_adv=keep)
     path = ctx.store.examples_path(f"{unit.attack}__{safe_name(unit.model.name)}")
     if keep and path is not None and ctx.n_examples > 0:
@@ -372,7 +460,7 @@ def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: tor
 def _run_transfer(unit: TransferUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                   targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     """Craft once on the source, evaluate every target on the same inputs."""
-    crafter = get_attack(unit.attack, backend=unit.backend, **ctx.params)
+    crafter = get_attack(unit.attack, backend=unit.backend, **_unit_params(unit, ctx))
     crafted = crafter.run(unit.source, x, y, ctx.epsilons, targets=targets, return_adv=True)
     name = unit.source.name
     frames = [records_from(evaluate_on(t, crafted, x.cpu(), name, ctx.params["batch_size"]),
@@ -381,6 +469,11 @@ def _run_transfer(unit: TransferUnit, ctx: UnitContext, x: torch.Tensor, y: torc
                            units=ctx.eps_units)
               for t in unit.targets]
     return pd.concat(frames, ignore_index=True)
+
+
+def _unit_params(unit: Unit, ctx: UnitContext) -> dict[str, Any]:
+    """The attack's parameters, with the unit's own seed for an attack that takes one."""
+    return attack_params(unit.attack, unit.backend, ctx.params, unit_seed(ctx.seed, unit.key))
 
 
 def expand_targets(x: torch.Tensor, y: torch.Tensor, k: int
