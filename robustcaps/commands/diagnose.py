@@ -70,7 +70,22 @@ def command(common, models, dataset, split, data_dir, n_samples, loss, epsilons,
     unbounded attack, random noise, and Pintor et al.'s six indicators of attack failure).
     Writes gradient_report.md (verdict table: PASS / WARN / FAIL per check), gradients.json,
     gradients.csv and figures. Default: capsnet-small and cnn on the SynthNORB test split.
+    Under torchrun, rank 0 diagnoses (minutes, not hours) while the other ranks wait.
     """
+    from ..evaluation.distributed import close_workers, detect_workers
+
+    workers = detect_workers(common.device)
+    try:
+        if workers.rank == 0:
+            _diagnose(common, models, dataset, split, data_dir, n_samples, loss, epsilons, steps,
+                      gradients_only, no_figures)
+        workers.barrier()
+    finally:
+        close_workers(workers)
+
+
+def _diagnose(common, models, dataset, split, data_dir, n_samples, loss, epsilons, steps,
+              gradients_only, no_figures) -> None:
     from .. import diagnose
 
     eps = parse_epsilon_list(epsilons) if epsilons is not None else None
