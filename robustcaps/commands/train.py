@@ -112,6 +112,8 @@ def command(common, model_name: str, arch_kw: tuple[str, ...], no_multi_crop: bo
         stereo=not mono,
         **kwargs,
     )
+    if result.get("rank", 0):  # under torchrun only rank 0 reports
+        return
     if result["status"] == "paused":
         click.echo(f"paused at step {result['global_step']}: resume with the same command and --resume")
         return
