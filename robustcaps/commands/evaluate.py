@@ -123,8 +123,8 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
         raise click.UsageError("give --attack fgsm|bim|transfer|all (or --suite FILE)")
     if _explicit(ctx, "model") or settings.get("models") is None:
         settings["models"] = models  # ModelRequests (with their adapter options)
-    out = common.out or _default_out(settings["attack"])
     workers = start_workers(shard, settings["device"])
+    out = common.out or workers.same(_default_out(settings["attack"]))
     config = EvaluationConfig.from_kwargs(**settings, output=OutputSettings(
         out=out, resume=resume, figures=not no_figures,
         progress=not common.quiet and workers.rank == 0))

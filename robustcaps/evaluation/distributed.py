@@ -77,6 +77,14 @@ class Workers:
         if self.mode == "torchrun":
             torch.distributed.barrier()
 
+    def same(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (e.g. a default run directory named by the time)."""
+        if self.mode != "torchrun":
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def device(self, spec: str) -> str:
         """Each torchrun rank on its own GPU (cuda:LOCAL_RANK); ``spec`` otherwise."""
         if self.mode == "torchrun" and resolve_device(spec).type == "cuda":
