@@ -3,7 +3,7 @@
 Real processes: torch's launcher (``python -m torch.distributed.run``, gloo on the CPU) with
 2 and 3 ranks, a rank killed mid-run and the run resumed on 3, and ``--shard I/N``
 processes merged by the last shard, with ``report`` naming a missing shard. The models are
-two small CNNs fitted on blobs (as in test_golden_records), saved as TorchScript so every
+two small CNNs fitted on blobs (test_golden_records' models), saved as TorchScript so every
 process loads the same weights.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from test_golden_records import K, _blobs, _fit  # tests/ is on sys.path
 
 from robustcaps.attacks.native import BIM
 from robustcaps.attacks.registry import attack_entry
@@ -35,36 +35,16 @@ from robustcaps.evaluation.run import evaluate
 from robustcaps.evaluation.seeding import takes_seed, unit_seed
 from robustcaps.models.adapter import ModelAdapter
 
-K = 3
 N_UNITS = 24  # bim x 2 models x (untargeted, targeted) x 6 batches of 4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    protos = torch.rand(K, 1, 8, 8, generator=torch.Generator().manual_seed(123))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % K
-    return (0.2 + 0.6 * protos[y] + 0.25 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
-
-
-def _fit(seed: int, hidden: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, hidden, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(hidden * 64, K))
-    x, y = _blobs(300, seed=1000 + seed)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scale")
     for name, seed, hidden in (("a", 0, 4), ("b", 1, 6)):
-        torch.jit.trace(_fit(seed, hidden), torch.zeros(1, 1, 8, 8)).save(str(d / f"{name}.pt"))
+        model = _fit(seed, name, hidden).model
+        torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).save(str(d / f"{name}.pt"))
     x, y = _blobs(24, seed=7)
     np.savez(d / "data.npz", x=x.numpy(), y=y.numpy(), bounds=np.array([0.0, 1.0]))
     return d

@@ -62,9 +62,11 @@ def time_run(nproc: int, args: list[str], out: Path, device: str) -> dict[str, A
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise click.ClickException(f"{nproc}-process run failed: {p.stderr.strip()[-500:]}")
-    scale = json.loads((out / "manifest.json").read_text()).get("scale", {})
-    return {"processes": nproc, "wall_seconds": wall, "busy_seconds": scale.get("busy_seconds"),
-            "imbalance": scale.get("imbalance", 0.0)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    scale = manifest.get("scale") or {  # a single process: the sum of its unit times
+        "busy_seconds": [sum(manifest["timings"]["units_seconds"].values())], "imbalance": 0.0}
+    return {"processes": nproc, "wall_seconds": wall, "busy_seconds": scale["busy_seconds"],
+            "imbalance": scale["imbalance"]}
 
 
 def run_scale_bench(args: list[str], nprocs: tuple[int, ...], device: str = "cpu",

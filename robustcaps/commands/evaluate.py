@@ -135,7 +135,7 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
     finally:
         close_workers(workers)
     if result.complete:
-        _print_result(common, result)
+        print_result(common, result)
     elif workers.mode == "shard":
         _print_shard_done(common, workers, out)
 
@@ -152,7 +152,8 @@ def start_workers(shard: str | None, device: str):
     return parse_shard(shard)
 
 
-def _print_result(common, result) -> None:
+def print_result(common, result) -> None:
+    """The console table and the files written (evaluate, and report after a merge)."""
     common.echo("")
     common.echo(result.table)
     common.echo("")

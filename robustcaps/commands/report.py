@@ -39,11 +39,6 @@ def command(common, run_dir: Path, no_figures: bool) -> None:
 
 def _merge(common, run_dir: Path, no_figures: bool) -> None:
     from ..evaluation.merge import merge_run
+    from .evaluate import print_result
 
-    result = merge_run(run_dir, figures=not no_figures)
-    common.echo(result.table)
-    common.echo("")
-    common.echo("files:")
-    for name, path in result.paths.items():
-        if name != "complete":
-            click.echo(f"  {path}")
+    print_result(common, merge_run(run_dir, figures=not no_figures))
