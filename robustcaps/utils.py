@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,23 @@ def repo_root() -> Path | None:
 def atomic_write(path: str | Path, write: Callable[[Path], Any], suffix: str = ".part") -> Path:
     """``write(tmp)`` then rename ``tmp`` onto ``path``: readers never see half a file.
 
-    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end), after a
-    random part: processes sharing a run directory may write the same file at once.
+    ``suffix`` is appended to the temporary name (numpy needs ``.npz`` at the end).
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = path.with_name(path.name + suffix)
     write(tmp)
     os.replace(tmp, path)
+    return path
+
+
+def ensure_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) or raise a one-line error saying why not, e.g.
+    ``--out /proc/x`` or a path under a regular file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RobustcapsError(f"{what} {path} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RobustcapsError(f"{what} {path} is not writable")
     return path

@@ -17,6 +17,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,22 @@ from .records import read_chunk
 COMPLETE_MARKER = "COMPLETE"
 
 
+def _part() -> str:
+    """A temporary-file suffix of its own: processes sharing a run directory may write the
+    same file (manifest, config) at once."""
+    return f".{uuid.uuid4().hex[:8]}.part"
+
+
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"),
+                        suffix=_part())
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """A CSV (gzip-compressed when the name ends in .gz), atomically."""
     return atomic_write(path, lambda p: df.to_csv(p, index=False,
-                                                  compression="gzip" if path.suffix == ".gz" else None))
+                                                  compression="gzip" if path.suffix == ".gz" else None),
+                        suffix=_part())
 
 
 def now() -> str:
