@@ -8,13 +8,16 @@ file, malformed data) ends as one ``Error: ...`` line on stderr with exit code 2
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from . import __version__
-from .errors import RobustcapsError
+from .errors import Interrupted, RobustcapsError
+
+log = logging.getLogger("robustcaps.cli")
 
 SUBCOMMANDS = ("evaluate", "attacks", "diagnose", "train", "data", "models", "bench", "report",
                "inspect")
@@ -26,19 +29,34 @@ def run_click_main(group: click.Command, args: Any, prog_name: str | None, **ext
         rv = click.Command.main(group, args=args, prog_name=prog_name, standalone_mode=False, **extra)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
+    except click.Abort as exc:  # click turns Ctrl-C into Abort
+        interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+        click.echo("Interrupted." if interrupted else "Aborted.", err=True)
+        sys.exit(130 if interrupted else 1)
+    except Interrupted as exc:  # a resumable command says how to continue
+        click.echo(f"Interrupted: {exc}", err=True)
+        sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}".splitlines()[0], err=True)
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
-    except RobustcapsError as exc:
-        click.echo(f"Error: {' '.join(str(exc).split())}", err=True)
-        sys.exit(2)
+    except (RobustcapsError, OSError) as exc:
+        _one_line_error(exc)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line_error(exc: Exception) -> NoReturn:
+    """``Error: <message>`` and exit 2; the traceback only at -vv (DEBUG logging)."""
+    log.debug("traceback of the error below", exc_info=exc)
+    if isinstance(exc, OSError):  # a file that cannot be written or read: say which and why
+        where = f" {exc.filename}" if exc.filename else ""
+        message = f"cannot access{where}: {exc.strerror or exc}"
+    else:
+        message = str(exc)
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
 
 
 class LazyGroup(click.Group):

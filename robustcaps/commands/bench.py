@@ -11,7 +11,7 @@ import json
 import click
 
 from ..cli import LazyGroup
-from ._common import Common, common_options
+from ._common import Common, common_options, out_dir
 
 BENCHMARKS = ("routing", "scale")
 
@@ -32,7 +32,7 @@ def command() -> None:
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Best of N timings.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-@common_options
+@common_options(skip=("out", "batch_size"))
 def attacks(common, models, n_samples, dataset, steps, repeats, as_json) -> None:
     """Native vs torchattacks vs foolbox: 11-epsilon FGSM and 10-step BIM sweeps."""
     from ..bench.attacks import EPSILONS, run_bench
@@ -65,7 +65,7 @@ def attacks(common, models, n_samples, dataset, steps, repeats, as_json) -> None
               help="Rendering processes (default: the CPUs available).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @common_options(out_help="Keep the generated files in this folder (default: a temporary "
-                "folder, deleted afterwards).")
+                "folder, deleted afterwards).", skip=("device", "batch_size"))
 def data(common: Common, fraction: float, workers: int | None, as_json: bool) -> None:
     """SynthNORB generation time: both splits, 97,200 images (budget: 120 s on 2 cores).
 
@@ -73,7 +73,7 @@ def data(common: Common, fraction: float, workers: int | None, as_json: bool) ->
     """
     from ..bench.data import bench_data
 
-    res = bench_data(fraction=fraction, seed=common.seed, workers=workers, out=common.out,
+    res = bench_data(fraction=fraction, seed=common.seed, workers=workers, out=out_dir(common),
                      progress=not common.quiet and not as_json)
     if as_json:
         click.echo(json.dumps(res, indent=2))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from ._common import common_options
+from ..utils import ensure_dir
+from ._common import common_options, out_dir
 
 _DIR_HELP = "Data folder (default: the robustcaps cache, $ROBUSTCAPS_CACHE or ~/.cache/robustcaps)."
 
@@ -64,7 +65,7 @@ def fetch_cmd(dataset: str, data_dir: Path | None, base_url: tuple[str, ...], ke
     """
     from ..data import download
 
-    folder = data_dir or _default_dir(dataset)
+    folder = ensure_dir(data_dir or _default_dir(dataset), "--dir")
     got = download.fetch(dataset, folder, base_url=list(base_url) or None, progress=not quiet,
                          keep_compressed=keep_gz, retries=retries, split=split)
     for f in got:
@@ -123,7 +124,7 @@ def verify_cmd(data_dir: Path | None, dataset: str, no_checksum: bool, as_json: 
 
 @command.command("synthnorb")
 @common_options(out_help="Output folder for the smallNORB-format files (default: the per-seed "
-                           "cache folder, reused when complete).")
+                           "cache folder, reused when complete).", skip=("device", "batch_size"))
 @click.option("--split", "splits", type=click.Choice(["training", "testing"]), multiple=True,
               help="Generate only this split (repeatable; default both).")
 def synthnorb_cmd(common, splits: tuple[str, ...]) -> None:
@@ -135,6 +136,7 @@ def synthnorb_cmd(common, splits: tuple[str, ...]) -> None:
     from ..data.smallnorb import norb_filename
 
     chosen = splits or ("training", "testing")
+    out_dir(common)
     if common.out is None:
         folder = synthnorb.ensure_generated(None, seed=common.seed, splits=chosen,
                                             progress=not common.quiet)
@@ -147,7 +149,8 @@ def synthnorb_cmd(common, splits: tuple[str, ...]) -> None:
 
 
 @command.command("info")
-@common_options(out_help="Also write the summary as JSON into this folder (dataset_info.json).")
+@common_options(out_help="Also write the summary as JSON into this folder (dataset_info.json).",
+                skip=("device", "batch_size"))
 @click.option("--dataset", "name", default="synthnorb", show_default=True,
               help="synthnorb, smallnorb, mnist or npz:PATH.")
 @click.option("--split", default="test", show_default=True,
@@ -165,11 +168,11 @@ def info_cmd(common, name: str, split: str, data_dir: Path | None, n_samples: in
     """Load a dataset and print a summary: name, split, N, shape, classes, bounds, fingerprint."""
     from ..data import load_dataset
 
+    out_dir(common)
     ds = load_dataset(name, split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
                       stereo=not mono, crop=crop, progress=not common.quiet)
     s = ds.summary()
     if common.out is not None:
-        common.out.mkdir(parents=True, exist_ok=True)
         path = common.out / "dataset_info.json"
         path.write_text(json.dumps(s, indent=2) + "\n")
     lines = [

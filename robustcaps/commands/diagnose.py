@@ -10,7 +10,7 @@ import click
 
 from ..errors import RobustcapsError
 from ..models.adapter import LOSSES
-from ._common import common_options
+from ._common import common_options, out_dir
 from ._model_options import model_options
 
 #: default sample count: the embedded default (capsnet-small + cnn on SynthNORB) must finish
@@ -89,10 +89,10 @@ def _diagnose(common, models, dataset, split, data_dir, n_samples, loss, epsilon
     from .. import diagnose
 
     eps = parse_epsilon_list(epsilons) if epsilons is not None else None
+    out = out_dir(common) or Path("results") / "diagnostics" / datetime.now().strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
     common.echo(f"diagnose: {n_samples} samples of {dataset} ({split})"
                 + (" [default N]" if n_samples == DEFAULT_N else ""))
-    out = common.out or Path("results") / "diagnostics" / datetime.now().strftime("%Y%m%d-%H%M%S")
     result = diagnose(
         models, dataset, split=split, data_dir=data_dir, n_samples=n_samples, seed=common.seed,
         device=common.device, loss=loss, out=out, progress=not common.quiet, epsilons=eps,

@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from ..evaluation.config import DEFAULT_MODELS, iter_settings, threats
-from ._common import common_options
+from ._common import common_options, on_interrupt
 from ._model_options import model_options
 
 
@@ -86,7 +86,8 @@ def _settings_options(f):
 @click.option("--epsilons", default=None, metavar="LIST",
               help="Comma-separated L-inf epsilons in input units, e.g. 0,0.05,0.1.")
 @click.option("--eps-range", default=None, metavar="START:STOP:STEP",
-              help="Epsilon grid, STOP included. Default 0:0.5:0.05 (the paper's axis).")
+              help="Epsilon grid, STOP always included (0:0.5:0.3 gives 0, 0.3, 0.5). "
+              "Default 0:0.5:0.05 (the paper's axis).")
 @_settings_options
 @click.option("--suite", default=None, metavar="FILE|NAME",
               help="TOML attack suite (e.g. attacks/paper-fig3.toml or just paper-fig3).")
@@ -130,8 +131,9 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
         progress=not common.quiet and workers.rank == 0))
     echo = common.echo if workers.main or workers.mode == "shard" else None
     try:
-        result = evaluate(config, echo=echo, workers=workers,
-                          command=shlex.join(["robustcaps", *sys.argv[1:]]))
+        with on_interrupt("evaluate", out, "config.json"):
+            result = evaluate(config, echo=echo, workers=workers,
+                              command=shlex.join(["robustcaps", *sys.argv[1:]]))
     finally:
         close_workers(workers)
     if result.complete:

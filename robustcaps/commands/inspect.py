@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._common import common_options
+from ._common import common_options, out_dir
 
 
 @click.group("inspect")
@@ -36,7 +36,7 @@ def command() -> None:
               help="Bins of the full-range figure (Fig. B.2).")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling full-module model files.")
 @common_options(out_help="Output folder (default results/runs/<timestamp>-routing).",
-                batch_default=64)
+                batch_default=64, skip=("seed",))  # every sample is named by its index
 def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
             trust_pickle) -> None:
     """Histograms of vote-to-class-mean distances after every routing iteration, weighted
@@ -47,7 +47,8 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
 
     if not indices and not picks:
         raise click.UsageError("give at least one --index or --pick")
-    data = load_dataset(dataset, split, data_dir=data_dir, seed=common.seed,
+    out = out_dir(common) or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
+    data = load_dataset(dataset, split, data_dir=data_dir,
                         progress=not common.quiet)
     check_indices(indices, len(data))  # before the model, whose loading may log warnings
     adapter = ModelRequest(spec, {"trust_pickle": True} if trust_pickle else {}).load(
@@ -59,7 +60,6 @@ def routing(common, spec, indices, picks, dataset, split, data_dir, zoom, bins,
     for outcome in picks:
         chosen.append(pick_sample(adapter.model, x, data.y, outcome, common.batch_size))
         common.echo(f"--pick {outcome}: sample {chosen[-1]}")
-    out = common.out or Path("results/runs") / f"{datetime.now():%Y%m%d-%H%M%S}-routing"
     res = inspect_routing(adapter.model, x, data.y, chosen, data.class_names, out,
                           label=f"{spec} on {data.name} {split}, ", zoom=zoom, full_bins=bins)
     for path in res.figures + res.csvs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import common_options
+from ._common import common_options, on_interrupt, out_dir, resume_hint
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
@@ -95,25 +95,21 @@ def command(common, model_name: str, arch_kw: tuple[str, ...], no_multi_crop: bo
       robustcaps train --model capsnet-small --dataset synthnorb --epochs 2 \\
           --max-train-samples 4000 --out models/my-capsnet
     """
-    from ..errors import RobustcapsError
+    from ..errors import Interrupted, RobustcapsError
     from ..training import parse_arch_kwargs, train
 
     if common.out is None:
         raise click.UsageError("--out is required (e.g. --out models/NAME)")
-    result = train(
-        model_name,
-        out=common.out,
-        seed=common.seed,
-        batch_size=common.batch_size,
-        device=common.device,
-        progress=not common.quiet,
-        arch_kwargs=parse_arch_kwargs(arch_kw),
-        multi_crop=not no_multi_crop,
-        stereo=not mono,
-        **kwargs,
-    )
+    out_dir(common)
+    with on_interrupt("train", common.out, "checkpoints/last.pt"):
+        result = train(model_name, out=common.out, seed=common.seed,
+                       batch_size=common.batch_size, device=common.device,
+                       progress=not common.quiet, arch_kwargs=parse_arch_kwargs(arch_kw),
+                       multi_crop=not no_multi_crop, stereo=not mono, **kwargs)
     if result.get("rank", 0):  # under torchrun only rank 0 reports
         return
+    if result.get("interrupted"):  # the trainer checkpointed on Ctrl-C
+        raise Interrupted(resume_hint("train", common.out, "checkpoints/last.pt"))
     if result["status"] == "paused":
         click.echo(f"paused at step {result['global_step']}: resume with the same command and --resume")
         return
@@ -125,3 +121,4 @@ def command(common, model_name: str, arch_kw: tuple[str, ...], no_multi_crop: bo
     common.echo(f"{card['name']}: test error centre {err['center']:.2%}{multi} "
                 f"({card['epochs']} epochs, {card['train_time_s']} s)")
     click.echo(str(result["paths"]["card_json"]))
+

@@ -7,13 +7,15 @@ evaluate, diagnose, train and the CLI all take a dataset name (loaded with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from .datasets import Dataset, fingerprint, load_dataset
+from ..errors import RobustcapsError
+from .datasets import LABELS, Dataset, fingerprint, load_dataset
 
 
 def as_dataset(data: Any, split: str = "test", *, n_samples: int | None = None, seed: int = 0,
@@ -42,7 +44,7 @@ def _from_tensors(x: Any, y: Any, *, split: str, n_samples: int | None) -> Datas
         x, y = x[:n_samples], y[:n_samples]
     k = int(y.max()) + 1 if y.numel() else 0
     return Dataset(x, y, {"index": np.arange(len(y))}, "tensors", k, [str(i) for i in range(k)],
-                   None, fingerprint(x, y), split=split)
+                   None, fingerprint(x, y), split=split, extra={"classes_from": LABELS})
 
 
 def _from_object(ds: Any, split: str, n_samples: int | None) -> Dataset:
@@ -59,3 +61,26 @@ def _from_object(ds: Any, split: str, n_samples: int | None) -> Dataset:
                    None if bounds is None else (float(bounds[0]), float(bounds[1])),
                    str(getattr(ds, "fingerprint", "")), split=getattr(ds, "split", split),
                    crop=getattr(ds, "crop", "center"))
+
+
+def fit_classes(data: Dataset, k: int | None, model: str, k_from: str) -> Dataset:
+    """``data`` as the ``k``-class dataset of ``model`` (``k_from``: how the model's count
+    was determined), or a one-line error naming both counts' origins.
+
+    A count inferred from the labels (largest + 1) is only a lower bound: labels 0..3 of a
+    5-class model are valid data in which class 4 is absent, so the model's count wins.
+    """
+    if k is None or k == data.num_classes:
+        return data
+    top = int(data.y.max()) if len(data) else -1
+    if top >= k:
+        raise RobustcapsError(
+            f"label {top} is out of range for a {k}-class model {model!r} (its class count "
+            f"comes from {k_from}; dataset {data.name!r} has labels 0..{top})")
+    if data.classes_from != LABELS:
+        raise RobustcapsError(
+            f"model {model!r} has {k} classes ({k_from}) but dataset {data.name!r} has "
+            f"{data.num_classes} (from {data.classes_from})")
+    names = list(data.class_names) + [str(i) for i in range(data.num_classes, k)]
+    return dataclasses.replace(data, num_classes=k, class_names=names,
+                               extra={**data.extra, "classes_from": f"model {model!r}"})

@@ -35,6 +35,8 @@ DATASET_NAMES = ("synthnorb", "smallnorb", "mnist", "npz:PATH")
 CROPS = ("center", "none", "multi")
 CROP_SIZE = 32
 NORB_SIZE = 48
+#: ``Dataset.classes_from`` of a class count taken as the largest label + 1
+LABELS = "the largest label + 1"
 SYNTHNORB_SEED = 0  # the rendering seed of the built-in SynthNORB dataset
 _RENDER_CHUNK = 256
 
@@ -79,6 +81,11 @@ class Dataset:
         model says otherwise (``defaults`` of :func:`robustcaps.models.resolve.resolve_model`)."""
         return {"num_classes": self.num_classes, "input_shape": self.input_shape,
                 "bounds": self.bounds}
+
+    @property
+    def classes_from(self) -> str:
+        """How ``num_classes`` was determined, for error messages."""
+        return self.extra.get("classes_from", f"the class list of dataset {self.name!r}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -288,14 +295,16 @@ def _render_rows(fs: str, rows: np.ndarray, stereo: bool, crop: str, progress: b
 # -- MNIST and npz ------------------------------------------------------------------------------
 
 def _finish_flat(name: str, split: str, x: np.ndarray, y: np.ndarray, index: np.ndarray,
-                 class_names: list[str], bounds, n_samples, seed, source: str) -> Dataset:
+                 class_names: list[str], bounds, n_samples, seed, source: str,
+                 classes_from: str | None = None) -> Dataset:
     if n_samples is not None:
         pick = stratified_indices(y, int(n_samples), seed)
         x, y, index = x[pick], y[pick], index[pick]
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     return Dataset(xt, yt, {"index": np.asarray(index, dtype=np.int64)}, name, len(class_names),
-                   class_names, bounds, fingerprint(xt, yt), split, "none", CROP_SIZE, source)
+                   class_names, bounds, fingerprint(xt, yt), split, "none", CROP_SIZE, source,
+                   {} if classes_from is None else {"classes_from": classes_from})
 
 
 def _load_mnist(split: str, data_dir, n_samples, seed) -> Dataset:
@@ -320,7 +329,8 @@ def _load_npz(name: str, split: str, n_samples, seed) -> Dataset:
         raise RobustcapsError(f"an npz dataset has no split {split!r}: its file is used as a whole")
     data = load_npz(path)
     return _finish_flat(name, split, data.x, data.y, np.arange(len(data.y)), data.class_names,
-                        data.bounds, n_samples, seed, str(Path(path)))
+                        data.bounds, n_samples, seed, str(Path(path)),
+                        f"'class_names' in {path}" if data.named_classes else LABELS)
 
 
 def load_dataset(

@@ -30,6 +30,7 @@ class NpzData:
     y: np.ndarray
     class_names: list[str]
     bounds: tuple[float, float] | None
+    named_classes: bool = False  # class_names came from the file (else 0..max label)
 
 
 def load_npz(path: str | os.PathLike) -> NpzData:
@@ -110,4 +111,4 @@ def load_npz(path: str | os.PathLike) -> NpzData:
             )
     else:
         class_names = [str(i) for i in range(num_classes)]
-    return NpzData(xf, y, class_names, file_bounds)
+    return NpzData(xf, y, class_names, file_bounds, names is not None)

@@ -114,8 +114,8 @@ def _check_inputs(adapters: list[ModelAdapter], x: torch.Tensor, y: torch.Tensor
             )
         if a.num_classes is not None and int(y.max()) >= a.num_classes:
             raise RobustcapsError(
-                f"labels go up to {int(y.max())} but model {a.name!r} has {a.num_classes} classes"
-            )
+                f"label {int(y.max())} is out of range for a {a.num_classes}-class model "
+                f"{a.name!r} (its class count comes from {a.num_classes_from})")
 
 
 def run_diagnostics(

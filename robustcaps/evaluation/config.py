@@ -98,7 +98,8 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def parse_eps_range(text: str) -> list[float]:
-    """``"START:STOP:STEP"`` (STOP included) -> list, e.g. ``0:0.5:0.05`` gives 11 values."""
+    """``"START:STOP:STEP"`` -> list, e.g. ``0:0.5:0.05`` gives 11 values. STOP is always
+    included, also off the grid: ``0:0.5:0.3`` gives 0, 0.3, 0.5."""
     parts = str(text).split(":")
     if len(parts) != 3:
         raise RobustcapsError(f"--eps-range: expected START:STOP:STEP, got {text!r}")
@@ -106,12 +107,17 @@ def parse_eps_range(text: str) -> list[float]:
         start, stop, step = (float(p) for p in parts)
     except ValueError:
         raise RobustcapsError(f"--eps-range: expected numbers in START:STOP:STEP, got {text!r}") from None
+    if not all(map(math.isfinite, (start, stop, step))):
+        raise RobustcapsError(f"--eps-range: START, STOP and STEP must be finite, got {text!r}")
     if not step > 0 or not stop >= start:
         raise RobustcapsError(f"--eps-range: need STEP > 0 and STOP >= START, got {text!r}")
-    n = int(np.floor((stop - start) / step + 1e-9)) + 1
-    if n > 1000:
-        raise RobustcapsError(f"--eps-range: {n} epsilons is too many (at most 1000)")
-    return check_epsilons([round(start + i * step, 10) for i in range(n)]).tolist()
+    n = (stop - start) / step
+    if n >= 1000:
+        raise RobustcapsError(f"--eps-range: {text!r} gives more than 1000 epsilons")
+    grid = [round(start + i * step, 10) for i in range(int(np.floor(n + 1e-9)) + 1)]
+    if stop - grid[-1] > 1e-9 * max(1.0, abs(stop)):  # STOP off the grid: still included
+        grid.append(round(stop, 10))
+    return check_epsilons(grid).tolist()
 
 
 def _names(what: str, known: Callable[[], Sequence[str]]) -> Callable[[Any], tuple[str, ...]]:

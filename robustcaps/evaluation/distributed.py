@@ -195,7 +195,8 @@ def open_run(store: RunStore, identity: dict[str, Any], resume: bool, workers: W
     first = workers.rank == 0 or workers.mode == "shard"
     if first:
         store.open(identity, resume or workers.mode == "shard")
-        setup()
+        if not store.complete:  # a complete run is left as it is
+            setup()
     workers.barrier()
     if not first:
         store.open(identity, True)

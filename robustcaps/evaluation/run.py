@@ -9,6 +9,7 @@ done are ``records.csv.gz``, the summaries, figures and the ``COMPLETE`` marker 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -25,9 +26,9 @@ import torch
 from ..attacks.base import AttackResult
 from ..attacks.registry import get_attack
 from ..attacks.transfer import _check_compatible, evaluate_on
-from ..data.coerce import as_dataset
+from ..data.coerce import as_dataset, fit_classes
 from ..data.datasets import Dataset
-from ..errors import RobustcapsError
+from ..errors import ModelRuntimeError, NonFiniteError, RobustcapsError
 from ..models.adapter import ModelAdapter
 from ..models.resolve import model_spec, resolve_model, state_sha256
 from ..utils import atomic_write, resolve_device, seed_everything
@@ -46,9 +47,11 @@ from .distributed import (
     write_stats,
 )
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name
-from .records import concat_records, eps_units, records_from
+from .records import concat_records, eps_units, read_records, records_from
 from .seeding import attack_params, unit_seed
 from .store import RunStore, now
+
+logger = logging.getLogger(__name__)  # -v: what was loaded and each unit as it finishes
 
 
 @dataclass
@@ -129,6 +132,7 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     seed_everything(config.run.seed)
     data, n_samples = load_data(config, log)
     models = load_models(config, data, log)
+    data = fit_data(data, models)
     identity = run_identity(config, data, models, n_samples)
     manifest = start_manifest(config, data, models, identity, log, command)
     transfer = None if models.source is None else (
@@ -140,14 +144,27 @@ def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = N
     store = RunStore(out.out, workers.writer)
     open_run(store, identity, out.resume, workers,
              lambda: _setup(store, manifest, units, costs, workers))
+    if store.complete:
+        log.say(f"{store.root} is already complete: nothing to resume "
+                f"(robustcaps report {store.root} rebuilds its tables and figures)")
+        return stored_result(store)
     if store:
         log.say(f"run directory: {store.root}")
     ctx = UnitContext(data, np.asarray(config.threat.epsilons, dtype=np.float64),
                       identity["eps_units"], _attack_params(config), store, out.n_examples,
                       config.threat.backend[0], config.run.seed, out.progress, out.figures)
+    try:
+        return _run(units, costs, ctx, log, workers, manifest, t_start)
+    except RobustcapsError as exc:  # the manifest says why the run has no results
+        store.write_manifest({**manifest, "status": "failed", "error": str(exc)})
+        raise
+
+
+def _run(units: list[Unit], costs: list[float], ctx: UnitContext, log: RunLog,
+         workers: Workers, manifest: dict[str, Any], t_start: float) -> EvaluationResult:
     if workers.mode == "single":
-        records, timings = run_units(units, ctx, log, progress=out.progress)
-        return finish(records, store, manifest, timings, t_start, figures=out.figures)
+        records, timings = run_units(units, ctx, log, progress=ctx.progress)
+        return finish(records, ctx.store, manifest, timings, t_start, figures=ctx.figures)
     return run_shared(units, costs, ctx, log, workers, manifest, t_start)
 
 
@@ -168,6 +185,7 @@ def _setup(store: RunStore, manifest: dict[str, Any], units: list[Unit], costs: 
     new launch, no claims left from a launch that died."""
     if not store:
         return
+    manifest.update(store.keep_history(manifest))  # a resume keeps the first command
     store.write_manifest(manifest)
     write_plan(store, units, costs)
     if workers.mode != "shard":
@@ -234,8 +252,18 @@ def load_models(config: EvaluationConfig, data: Dataset, log: RunLog) -> Models:
     if "transfer" in config.threat.attack:
         _load_transfer(config, models, get)
     for a in models.all:
-        _check_model_data(a, data)
+        _check_model_shape(a, data)
     return models
+
+
+def fit_data(data: Dataset, models: Models) -> Dataset:
+    """The data with the models' class count (labels alone give only a lower bound)."""
+    for a in models.all:
+        data = fit_classes(data, a.num_classes, a.name, a.num_classes_from)
+    logger.info("data: %s (%s), %d samples, %d classes (from %s), fingerprint %s", data.name,
+                data.split, len(data), data.num_classes, data.classes_from, data.fingerprint)
+    logger.info("models: %s", "; ".join(repr(a) for a in models.all))
+    return data
 
 
 def _resolve(m: Any, defaults: dict[str, Any], options: dict[str, Any],
@@ -270,16 +298,12 @@ def default_transfer_targets() -> list[str]:
     return found or [t for t in DEFAULT_TRANSFER_TARGETS if t in architectures()]
 
 
-def _check_model_data(a: ModelAdapter, data: Dataset) -> None:
+def _check_model_shape(a: ModelAdapter, data: Dataset) -> None:
     shape = tuple(data.x.shape[1:])
     if a.input_shape is not None and tuple(a.input_shape) != shape:
         raise RobustcapsError(
             f"model {a.name!r} takes inputs of shape {tuple(a.input_shape)} but dataset "
             f"{data.name!r} has {shape}")
-    if a.num_classes is not None and a.num_classes != data.num_classes:
-        raise RobustcapsError(
-            f"model {a.name!r} has {a.num_classes} classes but dataset {data.name!r} has "
-            f"{data.num_classes}")
 
 
 # --------------------------------------------------------------------------- provenance
@@ -371,7 +395,9 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
     chunks: list[pd.DataFrame] = []
     timings = ctx.store.unit_seconds()
     skipped = 0
-    bar = tqdm(units, desc="evaluate", unit="unit", disable=not progress, leave=False)
+    # at -v the per-unit log lines replace the bar (they would garble each other)
+    bar = tqdm(units, desc="evaluate", unit="unit", leave=False,
+               disable=not progress or logger.isEnabledFor(logging.INFO))
     for unit in bar:
         df = ctx.store.load_chunk(unit.key)
         if df is None:
@@ -380,6 +406,7 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
             df = run_unit(unit, ctx)
             timings[unit.key] = time.perf_counter() - t0
             df = ctx.store.save_chunk(unit.key, df, timings[unit.key])
+            logger.info("unit %s: %d records in %.2f s", unit.key, len(df), timings[unit.key])
         else:
             skipped += 1
         chunks.append(df)
@@ -403,6 +430,8 @@ def run_shared(units: list[Unit], costs: list[float], ctx: UnitContext, log: Run
         df = run_unit(unit, ctx)
         ran[unit.key] = time.perf_counter() - t
         frames.append(ctx.store.save_chunk(unit.key, df, ran[unit.key]))
+        logger.info("%s: unit %s: %d records in %.2f s", workers.label, unit.key, len(df),
+                    ran[unit.key])
     write_stats(ctx.store, workers, ran, time.perf_counter() - t0)
     log.say(f"{workers.label}: {len(ran)} units in {time.perf_counter() - t0:.1f} s")
     workers.barrier()
@@ -432,6 +461,24 @@ def _merge(units: list[Unit], ctx: UnitContext, manifest: dict[str, Any], worker
 
 
 def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
+    """One unit's records, or a one-line error when a model raises or returns NaN/Inf
+    scores or gradients (a non-finite score would count as prediction 0: never counted)."""
+    models = [unit.model] if isinstance(unit, WhiteBoxUnit) else [unit.source, *unit.targets]
+    saved = [a.check_finite for a in models]
+    try:
+        for a in models:
+            a.check_finite = True
+        return _attack_unit(unit, ctx)
+    except (NonFiniteError, ModelRuntimeError) as exc:
+        kind = NonFiniteError if isinstance(exc, NonFiniteError) else RobustcapsError
+        raise kind(f"{exc} during attack {unit.attack} (unit {unit.key}); the run stopped "
+                   "and counted nothing of this unit") from exc
+    finally:
+        for a, flag in zip(models, saved, strict=True):
+            a.check_finite = flag
+
+
+def _attack_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
     """One unit's records (targeted units attack every sample towards each wrong class)."""
     seed_everything(unit_seed(ctx.seed, unit.key))  # for code drawing from the global RNGs
     pos = unit.positions
@@ -496,6 +543,19 @@ def save_examples(path: Path, res: AttackResult, x: torch.Tensor, model: str, at
 
 
 # --------------------------------------------------------------------------- finish
+def stored_result(store: RunStore) -> EvaluationResult:
+    """A complete run's result read back from its directory (nothing is rewritten)."""
+    from ..report.tables import backend_disagreement, console_table, summarize
+
+    records = read_records(store.root / "records.csv.gz")
+    summary, per_target = summarize(records)
+    names = ("records.csv.gz", "summary.csv", "summary_per_target.csv", "manifest.json")
+    paths = {n.split(".")[0]: store.root / n for n in names if (store.root / n).is_file()}
+    return EvaluationResult(records, summary, per_target, backend_disagreement(summary),
+                            paths=paths, manifest=json.loads(paths["manifest"].read_text()),
+                            table=console_table(summary))
+
+
 def finish(chunks: list[pd.DataFrame], store: RunStore, manifest: dict[str, Any],
            timings: dict[str, float], t_start: float, *, figures: bool) -> EvaluationResult:
     """Records, tables and (with a run directory) the report, manifest and COMPLETE marker."""

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import RobustcapsError
-from ..utils import atomic_write
+from ..utils import atomic_write, ensure_dir
 from .records import read_chunk
 
 COMPLETE_MARKER = "COMPLETE"
@@ -33,7 +33,8 @@ COMPLETE_MARKER = "COMPLETE"
 
 def _part() -> str:
     """A temporary-file suffix of its own: processes sharing a run directory may write the
-    same file (manifest, config) at once."""
+    same JSON file (manifest, config) at once. (CSVs keep a fixed one: gzip stores the file
+    name, and each chunk has one writer.)"""
     return f".{uuid.uuid4().hex[:8]}.part"
 
 
@@ -44,9 +45,9 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """A CSV (gzip-compressed when the name ends in .gz), atomically."""
-    return atomic_write(path, lambda p: df.to_csv(p, index=False,
-                                                  compression="gzip" if path.suffix == ".gz" else None),
-                        suffix=_part())
+    # mtime 0: the gzip header would otherwise hold the time, and identical runs differ
+    gz = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
+    return atomic_write(path, lambda p: df.to_csv(p, index=False, compression=gz))
 
 
 def now() -> str:
@@ -60,6 +61,7 @@ class RunStore:
     def __init__(self, root: str | Path | None, writer: str = "") -> None:
         self.root = None if root is None else Path(root)
         self.writer = writer
+        self.complete = False  # set by open(): a resumed run that had already finished
 
     def __bool__(self) -> bool:
         return self.root is not None
@@ -73,13 +75,26 @@ class RunStore:
             raise RobustcapsError(f"--out {self.root} exists and is not a directory")
         if cfg_path.is_file():
             self._check_resume(json.loads(cfg_path.read_text()), identity, resume)
-            (self.root / COMPLETE_MARKER).unlink(missing_ok=True)  # re-finalised at the end
+            self.complete = (self.root / COMPLETE_MARKER).is_file()
             return
         if self.root.is_dir() and any(self.root.iterdir()) and not resume:
             raise RobustcapsError(f"--out {self.root} is not empty; choose a new directory")
-        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root, "--out")
+        (self.root / "chunks").mkdir(exist_ok=True)
         (self.root / "examples").mkdir(exist_ok=True)
         write_json(cfg_path, identity)
+
+    def keep_history(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A resumed run keeps its first ``command`` and ``started`` (provenance); each
+        resume is appended to ``resumes``."""
+        path = None if self.root is None else self.root / "manifest.json"
+        if path is None or not path.is_file():
+            return manifest
+        old = json.loads(path.read_text())
+        resumes = [*old.get("resumes", []),
+                   {"command": manifest.get("command"), "started": manifest.get("started")}]
+        return {**manifest, "command": old.get("command"), "started": old.get("started"),
+                "resumes": resumes}
 
     def _check_resume(self, old: dict[str, Any], identity: dict[str, Any], resume: bool) -> None:
         if not resume:

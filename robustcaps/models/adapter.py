@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, RobustcapsError
+from ..errors import ModelLoadError, ModelRuntimeError, NonFiniteError, RobustcapsError
 from ..utils import resolve_device
 from . import losses as L
 
@@ -117,6 +117,13 @@ class ModelAdapter:
         self.output_key = output_key if output_key is not None else meta.get("output_key")
         self.name = name or meta.get("name") or type(model).__name__
         self.num_classes = num_classes if num_classes is not None else meta.get("num_classes")
+        # Said in errors about class counts, so the user knows which number to fix.
+        self.num_classes_from = ("the num_classes option" if num_classes is not None else
+                                 "the model's robustcaps_meta" if self.num_classes is not None
+                                 else "its scores on a probe batch")
+        # Evaluation turns this on: NaN/Inf scores or input gradients raise NonFiniteError
+        # instead of becoming prediction 0 or a zero attack step (see evaluation.run).
+        self.check_finite = False
         shape = input_shape if input_shape is not None else meta.get("input_shape")
         self.input_shape = tuple(int(s) for s in shape) if shape is not None else None
         b = bounds if bounds is not None else meta.get("bounds")
@@ -148,6 +155,9 @@ class ModelAdapter:
         try:
             with torch.no_grad():
                 s = self.scores(x)
+        except ModelRuntimeError as exc:
+            raise ModelLoadError(f"model {self.name!r} failed on a probe batch of shape "
+                                 f"{tuple(x.shape)}: {exc.detail}") from exc.__cause__
         except RobustcapsError:
             raise
         except Exception as exc:  # noqa: BLE001 - user model code can raise anything
@@ -211,12 +221,24 @@ class ModelAdapter:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, *input_shape) -> (N, num_classes) scores (see module docstring)."""
         x = x.to(device=self.device, dtype=self.dtype)
-        out = self._select(self.model(self.preprocess(x)))
+        if self.check_finite and x.requires_grad:
+            x.register_hook(self._finite_gradient)
+        try:
+            out = self._select(self.model(self.preprocess(x)))
+        except RobustcapsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user model code can raise anything
+            raise ModelRuntimeError(self.name, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(out, torch.Tensor):
             raise ModelLoadError(f"model {self.name!r} output is {type(out).__name__}, not a tensor")
         if self.outputs == "probabilities":
             out = torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+        if self.check_finite:
+            _require_finite(out, f"model {self.name!r} returned NaN or Inf scores")
         return out
+
+    def _finite_gradient(self, grad: torch.Tensor) -> None:
+        _require_finite(grad, f"model {self.name!r} gave NaN or Inf input gradients")
 
     __call__ = scores
 
@@ -317,6 +339,12 @@ class ModelAdapter:
             f"input_shape={self.input_shape}, bounds={self.bounds}, outputs={self.outputs!r}, "
             f"loss={self.loss_name!r}, device={self.device})"
         )
+
+
+def _require_finite(t: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(t.detach()).flatten(1).all(dim=1) if t.ndim > 1 else ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise NonFiniteError(f"{what} for {int(bad.sum())} of {bad.numel()} inputs")
 
 
 def adapt(model: nn.Module | ModelAdapter, **options: Any) -> ModelAdapter:

@@ -89,7 +89,10 @@ def resolve_model(model: Any, *, defaults: Mapping[str, Any] | None = None,
     if isinstance(model, nn.Module):
         meta = dict(getattr(model, "robustcaps_meta", {}) or {})
         for key, value in (defaults or {}).items():
-            if value is not None and key not in options and meta.get(key) is None:
+            # as load_model: a module tells its num_classes on the probe batch; the data's
+            # count (the labels present, e.g. in an npz file) may be smaller
+            if value is not None and key not in options and meta.get(key) is None \
+                    and key != "num_classes":
                 options[key] = value
         return ModelAdapter(model, **options)
     if isinstance(model, (str, Path)):

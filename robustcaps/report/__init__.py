@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..errors import RobustcapsError
 from ..evaluation.store import COMPLETE_MARKER, write_csv
+from ..utils import ensure_dir
 from .tables import (
     RECORD_COLUMNS,
     SUMMARY_COLUMNS,
@@ -44,8 +45,10 @@ class ReportResult(dict):
 
 
 def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
-                 figures: bool = True, manifest: dict[str, Any] | None = None) -> ReportResult:
-    """(Re)generate summary tables and figures of a run directory from its records."""
+                 figures: bool = True, manifest: dict[str, Any] | None = None,
+                 out: str | Path | None = None) -> ReportResult:
+    """(Re)generate summary tables and figures of a run directory from its records, into
+    ``out`` (default: the run directory itself; another folder leaves it untouched)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RobustcapsError(f"run directory {run_dir} does not exist")
@@ -69,26 +72,27 @@ def build_report(run_dir: str | Path, *, records: pd.DataFrame | None = None,
         mpath = run_dir / "manifest.json"
         manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
     data = manifest.get("data", {})
+    dest = run_dir if out is None else ensure_dir(out, "--out")
     out = ReportResult()
     summary, per_target = summarize(records)
-    out["summary"] = write_csv(summary, run_dir / "summary.csv")
+    out["summary"] = write_csv(summary, dest / "summary.csv")
     if not per_target.empty:
-        out["summary_per_target"] = write_csv(per_target, run_dir / "summary_per_target.csv")
+        out["summary_per_target"] = write_csv(per_target, dest / "summary_per_target.csv")
     disagreement = backend_disagreement(summary)
     if not disagreement.empty:
-        out["backend_agreement"] = write_csv(disagreement, run_dir / "backend_agreement.csv")
+        out["backend_agreement"] = write_csv(disagreement, dest / "backend_agreement.csv")
     table = console_table(summary)
     if not disagreement.empty:
         worst = disagreement.loc[disagreement["max_abs_diff_pp"].idxmax()]
         table += (f"\nlargest backend disagreement: {worst['max_abs_diff_pp']:.2f} pp "
                   f"({worst['backend']} vs native, {worst['model']}, {worst['attack']}, "
                   f"eps={worst['at_epsilon']:g})")
-    (run_dir / "table.txt").write_text(table + "\n")
-    out["table"] = run_dir / "table.txt"
+    (dest / "table.txt").write_text(table + "\n")
+    out["table"] = dest / "table.txt"
     if figures:
         from . import plots
 
-        fig_dir = run_dir / "figures"
+        fig_dir = dest / "figures"
         num_classes = data.get("num_classes")
         made = {
             "accuracy_vs_epsilon": plots.plot_accuracy_vs_epsilon(summary, fig_dir, num_classes),

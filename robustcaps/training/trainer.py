@@ -457,7 +457,7 @@ class Trainer:
         if paused:
             echo(f"paused at step {self.global_step} (epoch {self.epoch + 1}, batch {self.batch}); "
                  f"continue with --resume")
-            return {**result, "status": "paused", "card": None}
+            return {**result, "status": "paused", "card": None, "interrupted": self._interrupted}
         if self.status == "running":
             self.status = "finished"
             self.save_checkpoint()
