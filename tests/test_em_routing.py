@@ -82,6 +82,117 @@ def test_conv_caps_matches_oracle(h, w, b, c, stride, iters, pose):
         torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "routing,h,w,stride,iters",
+    [("authors", 5, 5, 1, 3), ("authors", 7, 6, 2, 2), ("pertype", 5, 5, 1, 3),
+     ("pertype", 7, 6, 2, 3), ("authors-smooth", 5, 5, 1, 3), ("authors-smooth", 7, 6, 2, 2)],
+)
+def test_conv_caps_presets_match_oracle(routing, h, w, stride, iters):
+    """The per-type normaliser (types never compete for a child), the other first
+    assignments, the authors' lambda schedule, bias scales, variance floor and raw masses,
+    against the loop oracle: outputs and input gradients, float64."""
+    torch.manual_seed(0)
+    b, c = 2, 3
+    layer = ConvCaps(b, c, 3, stride, iterations=iters, final_lambda=0.7, routing=routing)
+    with torch.no_grad():
+        layer.beta_a.add_((1e-3 if routing.startswith("authors") else 1.0) * torch.randn(c))
+        layer.beta_u.add_(0.3 * torch.randn(c))
+    poses, acts = _inputs(2, h, w, b, seed=2)
+    out = layer(poses, acts, return_all=True)
+    if routing.startswith("authors"):
+        kw = dict(per_type=True, initial="types", var_floor=5e-4, kappa=1.0,
+                  lambdas=[2 * 0.7 * (1 - 0.95 ** (t + 1)) for t in range(iters)],
+                  smooth=0.9 if routing == "authors-smooth" else 1.0)
+        sa, su = 2500.0, 0.5 * (math.log(2 * math.pi) + 1)
+    else:
+        ho, wo = (h - 3) // stride + 1, (w - 3) // stride + 1
+        cov = len({y * stride + k for y in range(ho) for k in range(3)}) * len(
+            {x * stride + k for x in range(wo) for k in range(3)})
+        kw = dict(per_type=True, initial="windows", kappa=cov * b / (ho * wo))
+        sa, su = 1.0, 1.0
+    rp, rl = ref.conv_caps(poses, acts, layer.weight, sa * layer.beta_a, su * layer.beta_u,
+                           kernel=3, stride=stride, iterations=iters, final_lambda=0.7, **kw)
+    torch.testing.assert_close(out["poses"], rp, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["logits"], rl, rtol=1e-6, atol=1e-9)
+    if iters > 1:  # per child and type, R sums to 1 over the windows containing the child
+        R = out["R"]  # (N, Ho, Wo, C, K, K, B)
+        ho, wo = R.shape[1:3]
+        total = torch.zeros(2, h, w, c, b)
+        for y in range(ho):
+            for x in range(wo):
+                total[:, y * stride:y * stride + 3, x * stride:x * stride + 3] += (
+                    R[:, y, x].permute(0, 2, 3, 1, 4))
+        covered = total.sum((3, 4)) > 0
+        torch.testing.assert_close(total[covered], torch.ones_like(total[covered]),
+                                   rtol=0, atol=1e-12)
+    got = _grads([out["poses"], out["logits"]], (poses, acts, layer.weight, layer.beta_a,
+                                                 layer.beta_u), seed=3)
+    want = _grads([rp, rl], (poses, acts, layer.weight, layer.beta_a, layer.beta_u), seed=3)
+    for gg, ww in zip(got, want, strict=True):
+        assert torch.isfinite(gg).all() and gg.abs().max() > 0
+        torch.testing.assert_close(gg, ww, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("initial,smooth", [("types", 1.0), ("windows", 1.0), ("types", 0.9)])
+def test_per_type_normaliser_gradcheck(initial, smooth):
+    """The hand-written backward (native and torch passes) through the per-type fold."""
+    from robustcaps.models.em_routing import Fold
+
+    layer = ConvCaps(1, 2, 3, 1)
+    base = layer.fold(4, 4, torch.device("cpu"))  # L = 4 positions, J = 9 slots
+    fold = Fold(base.index, base.n_pos, base.types, per_type=True, initial=initial)
+    g = torch.Generator().manual_seed(24)
+    votes = torch.randn(3, 4, 2, 9, 16, generator=g).requires_grad_(True)
+    a = torch.rand(3, 4, 9, generator=g).requires_grad_(True)
+    ba = torch.randn(2, generator=g).requires_grad_(True)
+    bu = (0.3 * torch.randn(2, generator=g)).requires_grad_(True)
+
+    def fn(v, x, y, z):
+        r = em_routing(v, x, y, z, iterations=3, final_lambda=0.7, fold=fold,
+                       data_scale=1.5, chunk=2, schedule="authors", var_floor=5e-4,
+                       smooth=smooth)
+        return r.poses, r.logits, r.R
+
+    assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [1000.0, 0.0])
+def test_mean_smoothing_hand_backward_gradcheck_and_autograd(monkeypatch, ratio):
+    """Mean smoothing (class-layer shape, no fold): the hand-written backward against finite
+    differences, and the forward and gradients against the plain autograd graph, with and
+    without re-centring."""
+    import robustcaps.models.em_routing as em
+
+    monkeypatch.setattr(em, "RECENTRE_RATIO", ratio)
+    g = torch.Generator().manual_seed(25)
+    votes = torch.randn(3, 1, 3, 7, 16, generator=g).requires_grad_(True)
+    a = torch.rand(3, 1, 7, generator=g).requires_grad_(True)
+    ba = torch.randn(3, generator=g).requires_grad_(True)
+    bu = (0.3 * torch.randn(3, generator=g)).requires_grad_(True)
+    kw = dict(iterations=3, final_lambda=0.9, data_scale=7 / 3, smooth=0.9)
+
+    def fn(v, x, y, z):
+        r = em_routing(v, x, y, z, chunk=2, **kw)
+        return r.poses, r.logits, r.R
+
+    assert torch.autograd.gradcheck(fn, (votes, a, ba, bu), eps=1e-6, atol=1e-5, rtol=1e-4)
+    outs, grads = _grads_of(lambda v, x, y, z: em_routing(v, x, y, z, chunk=2, **kw),
+                            votes, a, ba, bu, seed=26)
+    b_outs, b_grads = _grads_of(lambda v, x, y, z: em.em_routing_autograd(v, x, y, z, **kw),
+                                votes, a, ba, bu, seed=26)
+    for o, b in zip(outs, b_outs, strict=True):
+        torch.testing.assert_close(o, b, rtol=1e-8, atol=1e-9)
+    for gg, b in zip(grads, b_grads, strict=True):
+        torch.testing.assert_close(gg, b, rtol=1e-6, atol=1e-8)
+    plain = em_routing(votes, a, ba, bu, chunk=2, **{**kw, "smooth": 1.0})
+    assert (plain.poses - outs[0]).abs().max() > 1e-3  # smoothing changes the function
+
+
+def test_authors_lambda_schedule():
+    lam = lambda_schedule(3, 0.01, "authors")
+    assert lam == pytest.approx([0.01 * 0.05, 0.01 * (1 - 0.95**2), 0.01 * (1 - 0.95**3)])
+
+
 @pytest.mark.parametrize("coord_add", [True, False])
 def test_class_caps_matches_oracle(coord_add):
     torch.manual_seed(0)

@@ -157,3 +157,34 @@ def test_without_a_working_compiler_routing_falls_back_to_torch(tmp_path, monkey
                     strict=True):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
     assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("h,stride", [(7, 2), (5, 1)])
+def test_per_type_normaliser_kernels_match_torch_ops(h, stride, dtype):
+    """rc_norm_type (forward) and rc_norm_type_grad (backward) against the torch ops of
+    the per-type fold, including a parent type whose terms are all ~1000 below the
+    others' (a per-type max shift is needed, or that type's group would be 0/0)."""
+    from robustcaps.models.em_routing import ConvCaps, Fold, _fold_sum, _normalise, _normalise_
+
+    B, C = 2, 3
+    base = ConvCaps(B, C, 3, stride).fold(h, h, torch.device("cpu"))
+    fold = Fold(base.index, base.n_pos, base.types, per_type=True, initial="types")
+    ho = (h - 3) // stride + 1
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, ho * ho, C, 9 * B, generator=g, dtype=dtype) * 5
+    z[:, :, 1] -= 1000.0
+    want = _normalise(z, fold)  # torch ops, out of place
+    got = native.norm_type_(z.clone(), fold.index, fold.n_pos, B)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    assert torch.equal(got, _normalise_(z.clone(), fold, False))
+    # per (child, type), R sums to 1 over the windows containing the child
+    torch.testing.assert_close(_fold_sum(got, fold), torch.ones_like(got))
+    gR = torch.randn(got.shape, generator=g, dtype=dtype)
+    want_g = (gR - _fold_sum(gR * got, fold)) * got
+    out = torch.empty(2 * ho * ho * C, 2, 9 * B, dtype=dtype)[:, 1]  # strided rows
+    got_g = native.norm_type_grad(gR, got, out.view(2, ho * ho, C, 9 * B), fold.index,
+                                  fold.n_pos, B)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-6 if dtype == torch.float32 else 1e-14)

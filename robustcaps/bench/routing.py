@@ -21,7 +21,13 @@ the same machine. ``cpu`` names the processor.
 Threads: with ``threads > 1`` the routing runs a layer's sample chunks on that many threads
 (``em_routing.CHUNK_THREADS``); ``--intra-op`` measures the alternative, every op split over
 torch's intra-op threads. ``load_avg_1m`` (``os.getloadavg``, at the start of each row) says
-how busy the machine was: on a shared CPU compare figures only at similar load.
+how busy the machine was: on a shared CPU compare figures only at similar load, or compare
+``*_cpu_s_per_batch`` (the least CPU time of the process over the runs), which the load
+hardly moves.
+
+Routing presets (``CapsNet(routing=...)``): every configuration is measured with each of
+``routings`` (default ``paper`` and ``authors``, one after the other in the same run, so
+their ratio is what to compare); the ``routing`` field says which.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from ..errors import RobustcapsError
 
 CONFIGS = ("capsnet-small", "capsnet")
+ROUTINGS = ("paper", "authors")
 
 
 def _read_status(field: str) -> int | None:
@@ -115,6 +122,7 @@ def benchmark_routing(
     threads: int | None = None,
     chunk_threads: bool = True,
     native_passes: bool = True,
+    routings: tuple[str, ...] = ROUTINGS,
 ) -> list[dict[str, Any]]:
     """One row per configuration: forward and forward+backward images/s and peak memory.
 
@@ -122,6 +130,7 @@ def benchmark_routing(
     current setting. ``chunk_threads``: route sample chunks in parallel on those threads
     (the default); False splits every op over torch's intra-op threads instead.
     ``native_passes``: False routes with torch ops even where the native kernels exist.
+    ``routings``: the routing presets measured, one row each per configuration.
     """
     from ..models import em_routing
 
@@ -137,7 +146,7 @@ def benchmark_routing(
         os.environ["ROBUSTCAPS_NATIVE"] = "0"
     try:
         return _benchmark(configs, device, batch_size, iterations, repeats, dtype,
-                          compile_routing)
+                          compile_routing, routings)
     finally:
         torch.set_num_threads(old_threads)
         em_routing.CHUNK_THREADS = old_chunk_threads
@@ -162,7 +171,8 @@ def cpu_name() -> str:
 
 def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size: int,
                iterations: int, repeats: int, dtype: torch.dtype,
-               compile_routing: bool) -> list[dict[str, Any]]:
+               compile_routing: bool, routings: tuple[str, ...] = ROUTINGS,
+               ) -> list[dict[str, Any]]:
     from ..models import em_routing, native
     from ..models.registry import count_params, create_model
     from ..utils import resolve_device
@@ -171,9 +181,10 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
     if batch_size < 1 or repeats < 1:
         raise RobustcapsError("batch size and repeats must be positive")
     rows = []
-    for name in configs:
+    for name, routing in ((c, r) for c in configs for r in routings):
         torch.manual_seed(0)
-        model = create_model(name, iterations=iterations, compile_routing=compile_routing).to(device=dev, dtype=dtype).eval()
+        model = create_model(name, iterations=iterations, compile_routing=compile_routing,
+                             routing=routing).to(device=dev, dtype=dtype).eval()
         x = torch.randn(batch_size, 2, 32, 32, device=dev, dtype=dtype)
         y = torch.arange(batch_size, device=dev) % 5
 
@@ -188,7 +199,7 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             torch.autograd.grad(loss, xr)
 
         row: dict[str, Any] = {
-            "model": name, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+            "model": name, "routing": routing, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "iterations": iterations, "params": count_params(model),
             "threads": torch.get_num_threads(), "compiled": compile_routing,
             "chunk_threads": em_routing.CHUNK_THREADS and torch.get_num_threads() > 1,
@@ -197,20 +208,24 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
             "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         }
         for key, fn in (("forward", forward), ("forward_backward", forward_backward)):
-            times = []
+            times, cpu_times = [], []
             with _PeakMemory(dev) as mem:
                 t0 = time.perf_counter()
                 fn()  # warm-up (allocator, caches; compilation with --compile)
                 _sync(dev)
                 row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 2)
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
             med = statistics.median(times)
             row[f"{key}_img_s"] = round(batch_size / med, 2)
             row[f"{key}_s_per_batch"] = round(med, 4)
+            # CPU seconds of this process (all its threads): on a shared, loaded CPU the
+            # cost of a configuration, where wall-clock figures swing with the load
+            row[f"{key}_cpu_s_per_batch"] = round(min(cpu_times), 4)
             row[f"{key}_peak_mem_mb"] = round(max(mem.peak, 0) / 2**20, 1)
             row["memory_method"] = mem.method
         rows.append(row)
@@ -237,10 +252,14 @@ def _benchmark(configs: tuple[str, ...], device: str | torch.device, batch_size:
                    "on parallel threads (the default).")
 @click.option("--torch-passes", is_flag=True,
               help="Route with torch ops even where the native CPU kernels are built.")
+@click.option("--routing", "routings", multiple=True,
+              type=click.Choice(["paper", "authors", "authors-smooth", "pertype"]),
+              help="Routing preset(s) to run (default: paper and authors).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(device: str, batch_size: int, iterations: int, repeats: int,
             models: tuple[str, ...], compile_routing: bool, threads: tuple[int, ...],
-            intra_op: bool, torch_passes: bool, as_json: bool) -> None:
+            intra_op: bool, torch_passes: bool, routings: tuple[str, ...],
+            as_json: bool) -> None:
     """Capsule network forward and forward+backward (input gradient) images/s and memory."""
     if device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -252,18 +271,21 @@ def command(device: str, batch_size: int, iterations: int, repeats: int,
             rows += benchmark_routing(models or CONFIGS, dev, batch_size, iterations, repeats,
                                       compile_routing=compile_routing, threads=nt,
                                       chunk_threads=not intra_op,
-                                      native_passes=not torch_passes)
+                                      native_passes=not torch_passes,
+                                      routings=routings or ROUTINGS)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"EM routing benchmark: batch {batch_size}, 2x32x32 input, {iterations} iterations, "
                f"median of {repeats}{', compiled' if compile_routing else ', eager'}; peak memory: {rows[0]['memory_method']}")
     click.echo(f"CPU: {rows[0]['cpu']} ({rows[0]['cpu_count']} logical cores)")
-    header = (f"{'model':<14} {'device':<7} {'thr':>3} {'passes':<6} {'params':>8} {'fwd img/s':>10} "
-              f"{'fwd MB':>8} {'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5}")
+    header = (f"{'model':<14} {'routing':<8} {'device':<7} {'thr':>3} {'passes':<6} {'params':>8} {'fwd img/s':>10} "
+              f"{'fwd MB':>8} {'fwd+bwd img/s':>14} {'fwd+bwd MB':>11} {'load':>5} "
+              f"{'fwd CPU s':>9} {'f+b CPU s':>9}")
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
-        click.echo(f"{r['model']:<14} {r['device']:<7} {r['threads']:>3} {r['passes']:<6} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
+        click.echo(f"{r['model']:<14} {r['routing']:<8} {r['device']:<7} {r['threads']:>3} {r['passes']:<6} {r['params']:>8,} {r['forward_img_s']:>10.1f} "
                    f"{r['forward_peak_mem_mb']:>8.0f} {r['forward_backward_img_s']:>14.1f} "
-                   f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f}")
+                   f"{r['forward_backward_peak_mem_mb']:>11.0f} {r['load_avg_1m']:>5.2f} "
+                   f"{r['forward_cpu_s_per_batch']:>9.3f} {r['forward_backward_cpu_s_per_batch']:>9.3f}")

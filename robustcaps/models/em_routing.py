@@ -131,14 +131,63 @@ Pose ``"vector"`` (Table 1 ablation): a 16-vector pose with a full 16x16 transfo
     (at 16x the transformation parameters).
 Weight init: transformation matrices ``N(0, 1/t)`` with ``t`` the inner dimension (4 for
     matrices, 16 for vectors), so a vote has the scale of the child pose.
+
+Routing presets (``CapsNet(routing=...)``, ``--arch-kw routing=...``, on the model card)
+----------------------------------------------------------------------------------------
+``paper`` (the default; every zoo checkpoint trained before it existed): everything above,
+bit for bit. ``authors``: the choices of the authors' released code (google-research,
+folder ``capsule_em``; each constant checked there):
+
+- E-step normaliser per parent type (:class:`Fold` ``per_type``): ``em_layers.py``
+  ``update_conv_routing`` divides ``prior_exp`` by its sum over the overlapping patches
+  for each ``output_dim`` separately, so types never compete for a child; the class layer
+  (``update_em_routing``) takes a softmax over the classes, as here. The first assignment
+  is ``1 / C`` (a softmax over the types of zeros), ``initial="types"``.
+- Logit ``beta (masses (-sum_h log var_h - 16 (ln 2 pi + 1) sigma_bias) - 5000 act_bias)``
+  (``update_conv_routing``/``update_em_routing``). That cost sums log variances where
+  Procedure 1's sums log sigmas, so it is Procedure 1's logit with lambda ``2 beta``,
+  ``beta_a = 2500 x`` the parameter and ``beta_u = (ln 2 pi + 1) / 2 x`` the parameter per
+  pose element (the ``authors`` preset's ``lambda_scale``, ``beta_a_scale``,
+  ``beta_u_scale``; the parameter sign is Procedure 1's: ``beta_a`` is minus the authors'
+  activation bias). Initial values (``conv_capsule_mat``, ``connector_capsule_mat``):
+  activation bias 0.5 (conv) / 1.0 (class), sigma bias 0.5 / 2.0.
+- Lambda ``final_beta (1 - 0.95^(t + 1))``, ``final_beta`` 0.01 (``experiment.py`` flag),
+  divided by 4 in the class layer (``connector_capsule_mat``); no kappa (raw masses).
+- Variance floor ``min_var = 5e-4`` (both layer functions).
+- Initial standard deviations (truncated normals, ``utils.py`` ``weight_variable``): conv1
+  0.05, bias 0.1 (``simple_model.py``); primary poses 0.5, activations 3.0, no bias
+  (``em_layers.py`` ``primary_caps``); conv-capsule transforms 0.3, class transforms 0.01.
+- Primary activations ``sigmoid(x - 1)`` (``primary_caps``).
+- Coordinate addition: the receptive-field centre's pixel offset from the image centre,
+  / 100 (``simple_model.py`` ``add_convs``/``conv_pos``), on vote elements 0 and 1
+  (``connector_capsule_mat`` concatenates the grid in front of zeros).
+
+``authors-smooth``: ``authors`` plus the means smoothed as ``0.9 new + 0.1 old`` (the old
+centre 0 before the first M-step), the variance and the E-step taken about the smoothed
+centre (both routing functions of ``em_layers.py``); ``authors`` itself leaves it out (the
+zoo's 3-iteration retraining started before it existed, and a preset's function never
+changes under a checkpoint). Not in either (left as ``paper``): the mass epsilons (1e-7 conv, 1e-5 class; here 1e-8); and the
+training recipe (``layers.py``: spread-loss margin ``0.2 + 0.79 sigmoid(min(10, step / 50000
+- 4))``; ``utils.py``: weight decay 2e-7; Adam 3e-3 decayed 0.96 every 20k steps, batch 64),
+which ``robustcaps train`` keeps as Section 5 describes.
+
+``pertype`` (mixed): the per-type normaliser with everything else as ``paper`` (kappa
+counts the C-fold mass a per-type normaliser hands out, the first assignment is uniform
+over a child's windows). Which trains best: the table in :mod:`robustcaps.models.capsnet`.
+
+Surrogates for attacks: :func:`routing_surrogate` (``"bpda"``, ``"bpda-last"``,
+``"uniform"``), on any capsule network robustcaps builds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -154,9 +203,19 @@ MASS_EPS = 1e-8
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def lambda_schedule(iterations: int, final_lambda: float = 0.01) -> list[float]:
-    """Inverse temperatures for iterations ``0..T-1``: a linear ramp ending at ``final_lambda``."""
-    return [final_lambda * (t + 1) / iterations for t in range(iterations)]
+def lambda_schedule(iterations: int, final_lambda: float = 0.01,
+                    schedule: str = "linear") -> list[float]:
+    """Inverse temperatures for iterations ``0..T-1``.
+
+    ``"linear"`` (preset ``paper``): a ramp ending at ``final_lambda``;
+    ``"authors"``: ``final_lambda * (1 - 0.95^(t + 1))`` (capsule_em/em_layers.py,
+    ``update_conv_routing`` and ``update_em_routing``), which does not depend on T.
+    """
+    if schedule == "linear":
+        return [final_lambda * (t + 1) / iterations for t in range(iterations)]
+    if schedule == "authors":
+        return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+    raise ValueError(f"schedule must be 'linear' or 'authors', got {schedule!r}")
 
 
 @dataclass
@@ -178,12 +237,25 @@ class Fold:
     Slots are ``(L, KK, B)`` with ``B`` innermost; ``index`` (L*KK,) maps a slot's spatial
     part to a child position in ``[0, n_pos)``; ``count`` (L*KK,) is how many windows
     contain that child position.
+
+    ``per_type`` (routing preset ``authors``): a child's assignments are normalised over
+    the windows that contain it separately for each parent type (types never compete
+    for a child; capsule_em/em_layers.py ``update_conv_routing`` sums ``prior_exp`` over
+    the overlapping patches per ``output_dim``), instead of over every (window, type).
+    ``initial``: Procedure 1's first assignment, ``"parents"`` ``1 / |parents(i)|``
+    (paper), ``"types"`` ``1 / C`` (the authors' softmax over parent types of zeros) or
+    ``"windows"`` ``1 / (number of windows containing i)`` (uniform for the per-type
+    normaliser).
     """
 
-    def __init__(self, index: torch.Tensor, n_pos: int, types: int) -> None:
+    def __init__(self, index: torch.Tensor, n_pos: int, types: int, *, per_type: bool = False,
+                 initial: str = "parents") -> None:
+        if initial not in ("parents", "types", "windows"):
+            raise ValueError(f"initial must be 'parents', 'types' or 'windows', got {initial!r}")
         self.index = index
         self.n_pos = n_pos
         self.types = types
+        self.per_type, self.initial = per_type, initial
         counts = torch.bincount(index, minlength=n_pos)
         self.count = counts[index]
         self.n_covered = int((counts > 0).sum()) * types
@@ -194,13 +266,43 @@ class Fold:
         new = Fold.__new__(Fold)
         new.index, new.count = self.index.to(device), self.count.to(device)
         new.n_pos, new.types, new.n_covered = self.n_pos, self.types, self.n_covered
+        new.per_type, new.initial = self.per_type, self.initial
         return new
+
+
+def _type_index(fold: Fold, L: int, C: int) -> torch.Tensor:
+    """(L*C*KK,) index of the per-type fold: slot (l, c, kk) -> ``c * n_pos + child position``,
+    so (n, L, C, J) folds per parent type with ONE index_add over its (L, C, KK) rows, in
+    place, without a transposed copy. Cached on the fold per C."""
+    cache = fold.__dict__.setdefault("_type_index", {})
+    if C not in cache:
+        pos = fold.index.reshape(L, 1, -1)
+        types = torch.arange(C, device=pos.device).reshape(1, C, 1) * fold.n_pos
+        cache[C] = (pos + types).reshape(-1)
+    return cache[C]
+
+
+def _per_type_fold(x: torch.Tensor, fold: Fold, reduce: str) -> torch.Tensor:
+    """x (n, L, C, J) -> (n, L, C, J): the sum (or max) of x over the slots holding the same
+    child for the same parent type, broadcast back to those slots."""
+    n, L, C, J = x.shape
+    b = fold.types
+    idx = _type_index(fold, L, C)
+    rows = x.reshape(n, -1, b)  # (n, L*C*KK, B)
+    if reduce == "sum":
+        acc = rows.new_zeros((n, C * fold.n_pos, b)).index_add_(1, idx, rows)
+    else:
+        acc = rows.new_full((n, C * fold.n_pos, b), -math.inf)
+        acc.scatter_reduce_(1, idx.reshape(1, -1, 1).expand_as(rows), rows, "amax")
+    return acc.index_select(1, idx).reshape(n, L, C, J)
 
 
 def _child_shift(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """(n, L, 1, J): each child's largest term of z (n, L, C, J) over every parent it feeds
     (over the parent types at its position, then, with ``fold``, over all its slots)."""
     n, L, C, J = z.shape
+    if fold is not None and fold.per_type:  # (n, L, C, J): per child and parent type
+        return _per_type_fold(z, fold, "amax")
     shift = z.amax(2)  # (n, L, J)
     if fold is not None:
         b = fold.types
@@ -226,12 +328,14 @@ def _normalise(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
 
 
 def _initial_R(votes: torch.Tensor, fold: Fold | None) -> torch.Tensor:
-    """Procedure 1 line 2: (1, L, 1, J) (or (1, 1, 1, J)) uniform over each child's parents."""
+    """Procedure 1 line 2: (1, L, 1, J) (or (1, 1, 1, J)) uniform over each child's parents
+    (or as ``fold.initial`` says)."""
     _, L, C, J, _ = votes.shape
-    if fold is None:
+    if fold is None or fold.initial == "types":
         return votes.new_full((1, 1, 1, J), 1.0 / C)
     cnt = fold.count.to(votes.dtype).reshape(1, L, 1, -1, 1)
-    return (1.0 / (C * cnt)).expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
+    per = 1.0 / cnt if fold.initial == "windows" else 1.0 / (C * cnt)
+    return per.expand(1, L, 1, cnt.shape[3], fold.types).reshape(1, L, 1, J)
 
 
 def _reference_mean(votes: torch.Tensor, rw0: torch.Tensor) -> torch.Tensor:
@@ -289,6 +393,8 @@ def _route(
     data_scale: float,
     var_floor: float,
     shape: tuple[int, int, int, int],
+    hold: str | None = None,
+    smooth: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Procedure 1 on the centred moments ``U`` (m, J, 2H) of the votes V (m, J, H) about
     the constant ``c`` (m, 1, H).
@@ -304,6 +410,8 @@ def _route(
     the first rebuilds U about the current means (still constants for autograd, so the
     algebra and the gradients are unchanged), branch-free for ``torch.compile``; the
     eager :func:`_forward_chunk` re-centres only past ``RECENTRE_RATIO``.
+    hold: ``"all"`` uses every assignment as a constant for autograd (BPDA), ``"last"`` only
+    the one the final M-step uses (see :func:`routing_surrogate`); the values are unchanged.
     Returns mu (n, L, C, H), logits (n, L, C), R (n, L, C, J) of the final M-step.
     """
     n, L, C, J = shape
@@ -313,14 +421,20 @@ def _route(
     bu = beta_u.reshape(1, 1, C)
     R = R0
 
+    prev = torch.zeros_like(c)  # the previous centre (mean smoothing)
+
     def moments(rw, U, c, mass, denom):  # noqa: ANN001, ANN202
         S = torch.bmm(rw, U)  # (m, 1, 2H)
         S1, S2 = S[..., :H], S[..., H:]
         d = (S1 - MASS_EPS * c) / denom  # mu - c, mu = sum r V / denom
+        if smooth != 1.0:  # the centre: smooth * mean + (1 - smooth) * previous centre
+            d = smooth * d + (1.0 - smooth) * (prev - c)
         return d, (S2 - d * (2.0 * S1 - d * mass)).clamp_min(0.0) / denom + var_floor
 
     for t, lam in enumerate(lambdas):
         # ---- M-step: one bmm per parent for both moments
+        if hold == "all" or (hold == "last" and t == len(lambdas) - 1):
+            R = R.detach()
         rw = (R * a).expand(n, L, C, J).reshape(m, 1, J)  # R_ij * a_i
         mass = rw.sum(-1, keepdim=True)  # (m, 1, 1)
         denom = mass + MASS_EPS
@@ -329,7 +443,8 @@ def _route(
             c = (c + d).detach()
             U = _build_u(V, c, None)
             d, var = moments(rw, U, c, mass, denom)
-        mu = (c + d).reshape(n, L, C, H)
+        prev = c + d
+        mu = prev.reshape(n, L, C, H)
         log_var = var.log()
         sum_log_sigma = 0.5 * log_var.sum(-1).reshape(n, L, C)
         cost = (H * bu + sum_log_sigma) * (mass.reshape(n, L, C) / data_scale)
@@ -371,6 +486,7 @@ class _Config:
     chunk: int
     keep: bool = True  # False: no gradient can be asked for (grad mode off), save nothing
     native: bool = False  # passes over the votes by robustcaps.models.native
+    smooth: float = 1.0  # mean smoothing: centre = smooth * mean + (1 - smooth) * previous
 
 
 def _chunks(n: int, chunk: int) -> list[slice]:
@@ -381,8 +497,11 @@ def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     """Per-child sum over every parent the child feeds, broadcast back to its slots.
 
     x: (n, L, C, J) -> (n, L, 1, J) (sum over parent types, then, with ``fold``, over every
-    slot the child occupies).
+    slot the child occupies); with a per-type fold (n, L, C, J), the sum over the slots the
+    child occupies for each parent type separately.
     """
+    if fold is not None and fold.per_type:
+        return _per_type_fold(x, fold, "sum")
     total = x.sum(2)  # (n, L, J)
     if fold is not None:
         n, L, J = total.shape
@@ -393,8 +512,12 @@ def _fold_sum(x: torch.Tensor, fold: Fold | None) -> torch.Tensor:
     return total[:, :, None, :]
 
 
-def _normalise_(z: torch.Tensor, fold: Fold | None) -> torch.Tensor:
-    """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage."""
+def _normalise_(z: torch.Tensor, fold: Fold | None, use_native: bool = False) -> torch.Tensor:
+    """:func:`_normalise` in place on z (n, L, C, J) (no autograd): returns R in z's storage.
+    ``use_native``: the per-type normaliser as one native kernel (three passes over z; the
+    torch ops below fold C times more data than the paper's normaliser, 5x its time)."""
+    if use_native and fold is not None and fold.per_type:
+        return native.norm_type_(z, fold.index, fold.n_pos, fold.types)
     z.sub_(_child_shift(z, fold)).exp_()
     return z.div_(_fold_sum(z, fold))
 
@@ -448,6 +571,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
     ba = beta_a.reshape(1, 1, C)
     R = None
     last = len(lambdas) - 1
+    sm = cfg.smooth
+    prev = torch.zeros_like(c)  # the previous centre (mean smoothing)
     for t, lam in enumerate(lambdas):
         if t:
             rw = (R * a).reshape(m, 1, J)
@@ -457,6 +582,8 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
             S = torch.bmm(rw, U)  # (m, 1, 2H)
             S1 = S[..., :H]
             d = (S1 - MASS_EPS * c).div_(denom)
+            if sm != 1.0:
+                d = sm * d + (1.0 - sm) * (prev - c)
             q = S[..., H:] - d * (2.0 * S1 - d * mass)
             var = q.clamp_min(0.0).div_(denom).add_(floor)
             if attempt or t == 0 or not bool((d * d / var).amax() > RECENTRE_RATIO):
@@ -464,6 +591,7 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
             c = c + d
             U = _build_u(V, c, buf)
         mu = c + d
+        prev = mu
         sls = 0.5 * var.log().sum(-1)  # (m, 1)
         logits = lam * (ba - (bu_h + sls.view(n, L, C)) * (mass.view(n, L, C) / ds))
         if steps is not None:
@@ -477,7 +605,7 @@ def _forward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor
         e = torch.bmm(w, U.transpose(1, 2))  # (m, 1, J)
         const = -0.5 * (d * d * inv).sum(-1) - sls - 0.5 * H * LOG_2PI  # (m, 1)
         z = e.view(m, J).add_(const).view(n, L, C, J).add_(F.logsigmoid(logits)[..., None])
-        R = _normalise_(z, fold)
+        R = _normalise_(z, fold, cfg.native)
     if R is None:
         R = R0.expand(n, L, C, J)
     return mu.view(n, L, C, H), logits, R
@@ -503,9 +631,11 @@ def _forward_chunk_native(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch
     R, c0, rdiv, A = None, None, C, None
     last = len(lambdas) - 1
     for t, lam in enumerate(lambdas):
+        # c0, the previous centre, is also the one mean smoothing blends with
         o = native.iteration(V, rows, c0, rdiv=rdiv, A=A, adiv=C, C=C, beta_a=ba, buh=buh,
                              lam=lam, data_scale=cfg.data_scale, var_floor=cfg.var_floor,
-                             eps=MASS_EPS, ratio=RECENTRE_RATIO, estep=t != last)
+                             eps=MASS_EPS, ratio=RECENTRE_RATIO, estep=t != last,
+                             prev=c0, alpha=cfg.smooth)
         c, d = o["c"].view(m, 1, H), o["d"].view(m, 1, H)
         logits = o["logit"].view(n, L, C)
         if steps is not None:
@@ -515,7 +645,7 @@ def _forward_chunk_native(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch
                                o["w"].view(m, 1, 2 * H) if t != last else None))
         if t == last:
             break
-        R = _normalise_(o["z"].view(n, L, C, J), fold)
+        R = _normalise_(o["z"].view(n, L, C, J), fold, True)
         rows, rdiv, A = R.view(m, J), 1, a_flat
         c0 = (c + d).view(m, H)
     if R is None:
@@ -540,7 +670,7 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
     """
     n, L, C, J, H = votes.shape
     m = n * L * C
-    fold, lambdas, ds = cfg.fold, cfg.lambdas, cfg.data_scale
+    fold, lambdas, ds, sm = cfg.fold, cfg.lambdas, cfg.data_scale, cfg.smooth
     V = votes.reshape(m, J, H)
     gv = g_votes.reshape(m, J, H)  # a view (same strides as votes)
     R0 = _initial_R(votes, fold)
@@ -606,7 +736,13 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         S1, d = st.S[..., :H], st.d
         gd = gd + 2.0 * g_q * (d * st.mass - S1)
         g_mass = g_mass + (g_q * d * d).sum(-1, keepdim=True)
-        g_den = g_den - (gd * d).sum(-1, keepdim=True) / denom
+        if sm != 1.0:  # d = sm (S1 - eps c) / denom + (1 - sm) (previous centre - c)
+            g_prev = (1.0 - sm) * gd
+            gd = sm * gd
+            dm = (S1 - MASS_EPS * st.c) / denom  # the weighted mean's offset
+        else:
+            dm = d
+        g_den = g_den - (gd * dm).sum(-1, keepdim=True) / denom
         Ut = use(st.c)
         g_S = right[:, k : k + 1]  # (m, 1, 2H) = [dS1, dS2]
         torch.div(gd, denom, out=g_S[..., :H]).addcmul_(d, g_q, value=-2.0)
@@ -629,8 +765,13 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
         R_t, prev = st.R, steps[t - 1]
         Ut = use(prev.c)
         g_e = left[:, k : k + 1]  # (m, 1, J)
-        g_z = torch.mul(gR_t - _fold_sum(gR_t * R_t, fold), R_t,
-                        out=left[:, k].view(n, L, C, J))  # (n, L, C, J)
+        if nat and fold is not None and fold.per_type:
+            g_z = native.norm_type_grad(gR_t.contiguous(), R_t.contiguous(),
+                                        left[:, k].view(n, L, C, J), fold.index, fold.n_pos,
+                                        fold.types)
+        else:
+            g_z = torch.mul(gR_t - _fold_sum(gR_t * R_t, fold), R_t,
+                            out=left[:, k].view(n, L, C, J))  # (n, L, C, J)
         right[:, k] = prev.w[:, 0]
         k += 1
         g_const = g_z.sum(-1)  # (n, L, C)
@@ -645,6 +786,8 @@ def _backward_chunk(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tenso
             g_w = torch.bmm(g_e, Ut)  # (m, 1, 2H)
         g_w1, g_w2 = g_w[..., :H], g_w[..., H:]
         gd = (g_w1 - g_const * d) * inv
+        if sm != 1.0:  # the previous centre c_{t-1} + d_{t-1} fed this M-step's centre
+            gd = gd + g_prev
         g_inv = g_w1 * d - 0.5 * g_w2 - 0.5 * g_const * d * d
         gvar = -g_inv * inv * inv
         gsls = -g_const.reshape(m, 1)
@@ -816,7 +959,8 @@ class _EMRouting(torch.autograd.Function):
 
 def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             fold: Fold | None, data_scale: float, var_floor: float, chunk: int | None,
-            u_bytes: int, use_native: bool = False) -> _Config:
+            u_bytes: int, use_native: bool = False, schedule: str = "linear",
+            smooth: float = 1.0) -> _Config:
     """u_bytes: size of one sample's ``U``; use_native: route with the native passes."""
     if chunk is None:
         if device.type == "cpu":
@@ -828,9 +972,10 @@ def _config(n: int, device: torch.device, iterations: int, final_lambda: float,
             chunk = min(chunk, -(-n // threads))
         else:
             chunk = n
-    return _Config(tuple(lambda_schedule(iterations, final_lambda)), fold, float(data_scale),
+    return _Config(tuple(lambda_schedule(iterations, final_lambda, schedule)), fold,
+                   float(data_scale),
                    float(var_floor), max(1, min(int(chunk), n)), torch.is_grad_enabled(),
-                   use_native)
+                   use_native, float(smooth))
 
 
 def em_routing(
@@ -845,6 +990,8 @@ def em_routing(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
+    schedule: str = "linear",
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """EM routing between one pair of capsule layers (vectorised Procedure 1).
 
@@ -859,12 +1006,17 @@ def em_routing(
         data_scale: kappa of the module docstring (amount of data normaliser).
         chunk: samples routed together (cache blocking); None: ``CPU_CHUNK_BYTES`` on the CPU,
             the whole batch elsewhere. Results do not depend on it.
+        schedule: the lambda schedule (:func:`lambda_schedule`).
+        smooth: mean smoothing (routing preset ``authors-smooth``): each M-step's centre is
+            ``smooth * mean + (1 - smooth) * previous centre`` (the first: ``* 0``), the
+            variance and the E-step about it; 1 (the default): plain Procedure 1.
 
     Differentiable w.r.t. votes, a_in, beta_a, beta_u (first derivatives only).
     """
     n, L, C, J, H = votes.shape
     cfg = _config(n, votes.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * C * J * 2 * H * votes.element_size(), native.usable(votes))
+                  L * C * J * 2 * H * votes.element_size(), native.usable(votes), schedule,
+                  smooth)
     st = votes.stride()
     if not (st[4] == 1 and st[1] == C * st[2] and (n == 1 or st[0] == L * st[1])):
         votes = votes.contiguous()
@@ -895,6 +1047,8 @@ def em_routing_slots(
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
     chunk: int | None = None,
+    schedule: str = "linear",
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """:func:`em_routing` of the votes ``votes[:, :, :, j] = (pt[j] @ wm[j]).view(.., C, 16)``
     without ever holding them (or their gradient) for the whole batch: each chunk's votes
@@ -910,7 +1064,8 @@ def em_routing_slots(
     """
     J, n, L, _ = pt.shape
     cfg = _config(n, pt.device, iterations, final_lambda, fold, data_scale, var_floor, chunk,
-                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt))
+                  L * wm.shape[2] * J * 2 * pt.element_size(), native.usable(pt), schedule,
+                  smooth)
     mu, logits, R = _EMRouting.apply(pt, wm, a_in, beta_a, beta_u, cfg)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
@@ -926,9 +1081,13 @@ def em_routing_autograd(
     fold: Fold | None = None,
     data_scale: float = 1.0,
     var_floor: float = VAR_FLOOR,
+    schedule: str = "linear",
+    hold: str | None = None,
+    smooth: float = 1.0,
 ) -> RoutingResult:
     """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
-    backward, no chunking): what ``torch.compile`` traces. Same arguments and results."""
+    backward, no chunking): what ``torch.compile`` traces. Same arguments and results.
+    ``hold`` (``"all"``/``"last"``): assignments as constants for autograd (BPDA)."""
     n, L, C, J, H = votes.shape
     m = n * L * C
     R0 = _initial_R(votes, fold)
@@ -937,9 +1096,138 @@ def em_routing_autograd(
     V = votes.reshape(m, J, H)
     dv = V - c
     U = torch.cat((dv, dv * dv), -1)
-    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, lambda_schedule(iterations, final_lambda),
-                           fold, data_scale, var_floor, (n, L, C, J))
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u,
+                           lambda_schedule(iterations, final_lambda, schedule),
+                           fold, data_scale, var_floor, (n, L, C, J), hold, smooth)
     return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+def em_routing_uniform(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_a: torch.Tensor,
+    beta_u: torch.Tensor,
+    *,
+    iterations: int = 3,
+    final_lambda: float = 0.01,
+    fold: Fold | None = None,
+    data_scale: float = 1.0,
+    var_floor: float = VAR_FLOOR,
+    schedule: str = "linear",
+    smooth: float = 1.0,
+) -> RoutingResult:
+    """The ``"uniform"`` surrogate of :func:`em_routing` (same arguments): ONE M-step with
+    the initial assignment ``R0`` (Procedure 1 line 2, or the preset's), i.e. each parent's
+    pose is the activation-weighted average of its votes, and its logit
+    ``lambda_T (beta_a - (H beta_u + sum_h log sigma_h) mass / data_scale)`` with the LAST
+    lambda of the schedule (the scale of the true routing's output). No E-step, so it is
+    smooth in the votes; an ordinary autograd graph. ``smooth`` is ignored: the uniform
+    surrogate's pose is the plain weighted mean of the votes."""
+    del smooth
+    n, L, C, J, H = votes.shape
+    m = n * L * C
+    R0 = _initial_R(votes, fold)
+    a = a_in[:, :, None, :]
+    c = _reference_mean(votes, (R0 * a).detach())
+    V = votes.reshape(m, J, H)
+    dv = V - c
+    U = torch.cat((dv, dv * dv), -1)
+    lam = lambda_schedule(iterations, final_lambda, schedule)[-1]
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, [lam], fold, data_scale,
+                           var_floor, (n, L, C, J))
+    return RoutingResult(poses=mu, logits=logits, R=R)
+
+
+# ---------------------------------------------------------------------------- surrogates
+SURROGATE_MODES = ("exact", "bpda", "bpda-last", "uniform")
+_SURROGATES: contextvars.ContextVar[tuple[tuple[str, frozenset[int] | None], ...]] = (
+    contextvars.ContextVar("robustcaps_routing_surrogates", default=()))
+
+
+def _routing_layers(layers: Iterable[nn.Module] | nn.Module | None) -> frozenset[int] | None:
+    """ids of the routing layers (ConvCaps/ClassCaps) in ``layers`` (modules, or networks
+    whose routing layers are all meant); None: every layer."""
+    if layers is None:
+        return None
+    if isinstance(layers, nn.Module):
+        layers = [layers]
+    ids: set[int] = set()
+    for mod in layers:
+        found = [x for x in mod.modules() if isinstance(x, (ConvCaps, ClassCaps))]
+        if not found:
+            raise ValueError(f"{type(mod).__name__} holds no capsule routing layer")
+        ids.update(id(x) for x in found)
+    return frozenset(ids)
+
+
+@contextlib.contextmanager
+def routing_surrogate(mode: str = "bpda",
+                      layers: Iterable[nn.Module] | nn.Module | None = None) -> Iterator[None]:
+    """Route the capsule layers of any robustcaps capsule network through a surrogate
+    inside the ``with`` block (for capsule-aware attacks; the default is the exact routing).
+
+    mode:
+      ``"bpda"``: the forward is the true routing (bit for bit); the backward treats every
+        assignment ``R`` as a constant, so gradients flow through the votes, means,
+        variances and activations of the M-steps but not through R's dependence on them.
+      ``"bpda-last"``: only the assignment of the final M-step is a constant. (Without
+        mean smoothing the final M-step sees the earlier iterations only through that
+        assignment, so the gradient equals ``"bpda"``'s; with ``authors-smooth`` the earlier
+        centres also feed the last one, and gradient flows back through them and the
+        earlier assignments.)
+      ``"uniform"``: each chosen layer's routing is replaced by ONE M-step with the
+        uniform initial assignment (:func:`em_routing_uniform`): votes averaged with the
+        child activations as weights, the activation computed from that M-step. A
+        different, differentiable forward.
+      ``"exact"``: the true routing (to switch chosen layers back inside an outer block).
+    layers: capsule layers (``ConvCaps``/``ClassCaps`` modules), or modules containing them
+      (e.g. the network: every layer); None: every capsule layer. ``CapsNet.routing_layers()``
+      names them (``"conv1"``, ``"conv2"``, ``"class"``).
+
+    Blocks nest; for each layer the innermost block that covers it decides. Thread- and
+    async-safe (a ``contextvars`` variable). The surrogate forwards run the routing as one
+    plain autograd graph (:func:`em_routing_autograd`), slower than the exact routing.
+
+    Example: ``with routing_surrogate("bpda"): grad = torch.autograd.grad(loss(model(x)), x)``
+    """
+    if mode not in SURROGATE_MODES:
+        raise ValueError(f"mode must be one of {SURROGATE_MODES}, got {mode!r}")
+    token = _SURROGATES.set(_SURROGATES.get() + ((mode, _routing_layers(layers)),))
+    try:
+        yield
+    finally:
+        _SURROGATES.reset(token)
+
+
+def surrogate_mode(layer: nn.Module) -> str:
+    """The routing mode in force for ``layer`` (``"exact"`` outside any surrogate block)."""
+    for mode, ids in reversed(_SURROGATES.get()):
+        if ids is None or id(layer) in ids:
+            return mode
+    return "exact"
+
+
+def _with_surrogate(layer: nn.Module, exact: Callable[[], RoutingResult],
+                    votes: Callable[[], torch.Tensor], a_in: torch.Tensor, ba: torch.Tensor,
+                    bu: torch.Tensor, kw: dict) -> RoutingResult:
+    """``exact()`` (the layer's true routing) or, inside :func:`routing_surrogate`, its
+    surrogate for ``layer``; ``votes()`` makes the (N, L, C, J, H) votes."""
+    mode = surrogate_mode(layer)
+    if mode == "exact":
+        return exact()
+    if mode == "uniform":
+        return em_routing_uniform(votes(), a_in, ba, bu, **kw)
+    with torch.no_grad():  # the true forward, values only
+        true = exact()
+    s = em_routing_autograd(votes(), a_in, ba, bu, hold="all" if mode == "bpda" else "last",
+                            **kw)
+    # value: exactly the true routing's (x + (s - s) == x); gradient: the held surrogate's
+
+    def bpda(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + (y - y.detach())
+
+    return RoutingResult(bpda(true.poses, s.poses), bpda(true.logits, s.logits),
+                         bpda(true.R, s.R))
 
 
 _COMPILED: dict[str, object] = {}
@@ -977,6 +1265,71 @@ def routing_function(compiled: bool = False):
     return _COMPILED["fn"]
 
 
+# ---------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class RoutingPreset:
+    """The routing choices of a capsule network (``CapsNet(routing=...)``); see
+    :data:`ROUTING_PRESETS` and "Routing presets" in the module docstring.
+
+    per_type, initial: the convolutional E-step normaliser and first assignment (:class:`Fold`);
+    schedule, lambda_scale, class_lambda: layer lambdas ``lambda_scale * final_lambda``
+    (times ``class_lambda`` in the class layer) on :func:`lambda_schedule`'s ``schedule``;
+    beta_a_scale, beta_u_scale: the routing sees ``scale * parameter``; beta_a_init,
+    beta_u_init: (conv, class) initial parameter values; var_floor: added to every
+    variance; data_scale: divide the mass by kappa (False: raw masses); coord: Coordinate
+    Addition ``"unit"`` (centre / image size on vote elements 3, 7) or ``"authors"``
+    (offset from the image centre / 100 on elements 0, 1); init: ``"paper"`` or
+    ``"authors"`` weight initialisation (:meth:`CapsNet.__init__`); primary_offset: added to
+    the primary capsules' activation logits; smooth: mean smoothing (:func:`em_routing`).
+    """
+
+    name: str
+    per_type: bool = False
+    initial: str = "parents"
+    schedule: str = "linear"
+    lambda_scale: float = 1.0
+    class_lambda: float = 1.0
+    beta_a_scale: float = 1.0
+    beta_u_scale: float = 1.0
+    beta_a_init: tuple[float, float] = (0.0, 0.0)
+    beta_u_init: tuple[float, float] = (0.0, 0.0)
+    var_floor: float = VAR_FLOOR
+    data_scale: bool = True
+    coord: str = "unit"
+    init: str = "paper"
+    primary_offset: float = 0.0
+    smooth: float = 1.0
+
+
+ROUTING_PRESETS: dict[str, RoutingPreset] = {
+    # Procedure 1 and Section 4 as written, with the constants of this docstring.
+    "paper": RoutingPreset("paper"),
+    # The released code (google-research capsule_em); see "Routing presets".
+    "authors": RoutingPreset(
+        "authors", per_type=True, initial="types", schedule="authors", lambda_scale=2.0,
+        class_lambda=0.25, beta_a_scale=2500.0, beta_u_scale=0.5 * (LOG_2PI + 1.0),
+        beta_a_init=(-0.5, -1.0), beta_u_init=(0.5, 2.0), var_floor=5e-4, data_scale=False,
+        coord="authors", init="authors", primary_offset=-1.0),
+    # Mixed: the authors' per-type normaliser with everything else as ``paper`` (kappa
+    # counts the C-fold mass a per-type normaliser hands out; first assignment uniform
+    # over a child's windows).
+    "pertype": RoutingPreset("pertype", per_type=True, initial="windows"),
+}
+# ``authors`` plus the released code's mean smoothing, centre = 0.9 mean + 0.1 previous
+# centre (em_layers.py, both routing functions): a separate name, so that checkpoints
+# trained with ``authors`` keep their function.
+ROUTING_PRESETS["authors-smooth"] = dataclasses.replace(
+    ROUTING_PRESETS["authors"], name="authors-smooth", smooth=0.9)
+
+
+def routing_preset(name: str | RoutingPreset) -> RoutingPreset:
+    if isinstance(name, RoutingPreset):
+        return name
+    if name not in ROUTING_PRESETS:
+        raise ValueError(f"routing must be one of {sorted(ROUTING_PRESETS)}, got {name!r}")
+    return ROUTING_PRESETS[name]
+
+
 # ---------------------------------------------------------------------------- layers
 def _pose_dims(pose: str) -> tuple[int, int, int]:
     """(rows, inner, cols) of one vote product: matrix (4, 4, 4), vector (1, 16, 16)."""
@@ -1012,12 +1365,21 @@ def _vote_matrix(w: torch.Tensor, pose: str) -> torch.Tensor:
     return w.permute(0, 3, 1, 2).reshape(g, 16, c * 16)  # [t, (c, h)]
 
 
+def _scaled_betas(layer: nn.Module, ps: RoutingPreset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The biases the routing sees: ``scale * parameter`` (the parameters themselves at
+    scale 1, so preset ``paper`` is today's computation exactly)."""
+    ba = layer.beta_a if ps.beta_a_scale == 1 else layer.beta_a * ps.beta_a_scale
+    bu = layer.beta_u if ps.beta_u_scale == 1 else layer.beta_u * ps.beta_u_scale
+    return ba, bu
+
+
 class PrimaryCaps(nn.Module):
     """1x1 convolution: (N, A, H, W) -> poses (N, H, W, B, 16), activation logits (N, H, W, B)."""
 
-    def __init__(self, in_channels: int, types: int) -> None:
+    def __init__(self, in_channels: int, types: int, logit_offset: float = 0.0) -> None:
         super().__init__()
         self.types = types
+        self.logit_offset = logit_offset  # authors: sigmoid(x - 1) (em_layers.py primary_caps)
         self.conv = nn.Conv2d(in_channels, types * 17, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1025,6 +1387,8 @@ class PrimaryCaps(nn.Module):
         y = self.conv(x).permute(0, 2, 3, 1)  # (N, H, W, 17B)
         poses = y[..., : 16 * self.types].reshape(n, h, w, self.types, 16)
         logits = y[..., 16 * self.types :]
+        if self.logit_offset:
+            logits = logits + self.logit_offset
         return poses, logits
 
 
@@ -1047,17 +1411,19 @@ class ConvCaps(nn.Module):
         pose: str = "matrix",
         final_lambda: float = 0.01,
         compile_routing: bool = False,
+        routing: str | RoutingPreset = "paper",
     ) -> None:
         super().__init__()
         self.compile_routing = compile_routing
+        self.preset = routing_preset(routing)
         rows, inner, cols = _pose_dims(pose)
         self.B, self.C, self.K, self.stride = in_types, out_types, kernel, stride
         self.iterations, self.pose, self.final_lambda = iterations, pose, final_lambda
         shape = (kernel * kernel * in_types, out_types, 4, 4) if pose == "matrix" else (
             kernel * kernel * in_types, out_types, 16, 16)
         self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
-        self.beta_a = nn.Parameter(torch.zeros(out_types))
-        self.beta_u = nn.Parameter(torch.zeros(out_types))
+        self.beta_a = nn.Parameter(torch.full((out_types,), self.preset.beta_a_init[0]))
+        self.beta_u = nn.Parameter(torch.full((out_types,), self.preset.beta_u_init[0]))
         self._folds: dict[tuple, Fold] = {}
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
@@ -1072,7 +1438,8 @@ class ConvCaps(nn.Module):
             rows = (torch.arange(ho)[:, None] * self.stride + k)  # (Ho, K)
             cols = (torch.arange(wo)[:, None] * self.stride + k)  # (Wo, K)
             idx = rows[:, None, :, None] * w + cols[None, :, None, :]  # (Ho, Wo, K, K)
-            self._folds[key] = Fold(idx.reshape(-1), h * w, self.B).to(device)
+            self._folds[key] = Fold(idx.reshape(-1), h * w, self.B, per_type=self.preset.per_type,
+                                    initial=self.preset.initial).to(device)
         return self._folds[key]
 
     def forward(
@@ -1087,23 +1454,37 @@ class ConvCaps(nn.Module):
         pt = poses.reshape(n, h * w, b, 16).index_select(1, fold.index)  # (N, L*KK, B, 16)
         pt = pt.reshape(n, L, kk, b, 16).permute(2, 3, 0, 1, 4).reshape(kk * b, n, L, 16)
         a_in = a.reshape(n, h * w, b).index_select(1, fold.index).reshape(n, L, kk * b)
-        kw = dict(iterations=self.iterations, final_lambda=self.final_lambda, fold=fold,
-                  data_scale=fold.n_covered / (L * self.C))
-        if return_all or self.compile_routing:
+        ps = self.preset
+        # kappa: a per-type normaliser hands out C times the mass (1 per type and child)
+        kappa = fold.n_covered / (L * (1 if ps.per_type else self.C))
+        kw = dict(iterations=self.iterations, final_lambda=ps.lambda_scale * self.final_lambda,
+                  fold=fold, data_scale=kappa if ps.data_scale else 1.0,
+                  var_floor=ps.var_floor, schedule=ps.schedule, smooth=ps.smooth)
+        ba, bu = _scaled_betas(self, ps)
+        votes = None
+
+        def make_votes() -> torch.Tensor:
             # (N, L, C, J, 16) view of slot-major votes: each parent's (J, 16) block has
             # rows N*L*C*16 apart, which bmm and the routing read in place.
-            votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
-            res = routing_function(self.compile_routing)(votes, a_in, self.beta_a,
-                                                         self.beta_u, **kw)
-        else:  # votes made per sample chunk inside the routing, never for the whole batch
-            res = em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in,
-                                   self.beta_a, self.beta_u, **kw)
+            nonlocal votes
+            if votes is None:
+                votes = _votes(pt, self.weight, self.pose).permute(1, 2, 3, 0, 4)
+            return votes
+
+        def exact() -> RoutingResult:
+            if return_all or self.compile_routing:
+                return routing_function(self.compile_routing)(make_votes(), a_in, ba, bu, **kw)
+            # votes made per sample chunk inside the routing, never for the whole batch
+            return em_routing_slots(pt, _vote_matrix(self.weight, self.pose), a_in, ba, bu,
+                                    **kw)
+
+        res = _with_surrogate(self, exact, make_votes, a_in, ba, bu, kw)
         out = {
             "poses": res.poses.reshape(n, ho, wo, self.C, 16),
             "logits": res.logits.reshape(n, ho, wo, self.C),
         }
         if return_all:
-            out["votes"] = votes.reshape(n, ho, wo, self.C, self.K, self.K, b, 16)
+            out["votes"] = make_votes().reshape(n, ho, wo, self.C, self.K, self.K, b, 16)
             out["R"] = res.R.reshape(n, ho, wo, self.C, self.K, self.K, b)
         return out
 
@@ -1126,9 +1507,13 @@ class ClassCaps(nn.Module):
         coord_add: bool = True,
         final_lambda: float = 0.01,
         compile_routing: bool = False,
+        routing: str | RoutingPreset = "paper",
     ) -> None:
         super().__init__()
         self.compile_routing = compile_routing
+        self.preset = routing_preset(routing)
+        # vote elements that receive the (row, column) coordinates
+        self.coord_elements = (0, 1) if self.preset.coord == "authors" else (3, 7)
         _, inner, _ = _pose_dims(pose)
         self.D, self.E = in_types, num_classes
         self.iterations, self.pose, self.coord_add = iterations, pose, coord_add
@@ -1136,8 +1521,8 @@ class ClassCaps(nn.Module):
         shape = (in_types, num_classes, 4, 4) if pose == "matrix" else (
             in_types, num_classes, 16, 16)
         self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(inner))
-        self.beta_a = nn.Parameter(torch.zeros(num_classes))
-        self.beta_u = nn.Parameter(torch.zeros(num_classes))
+        self.beta_a = nn.Parameter(torch.full((num_classes,), self.preset.beta_a_init[1]))
+        self.beta_u = nn.Parameter(torch.full((num_classes,), self.preset.beta_u_init[1]))
 
     def forward(
         self, poses: torch.Tensor, a: torch.Tensor, coords: torch.Tensor, return_all: bool = False
@@ -1150,15 +1535,20 @@ class ClassCaps(nn.Module):
         votes = votes.permute(1, 3, 2, 0, 4)  # (N, E, HW, D, 16)
         if self.coord_add:
             add = coords.new_zeros(hw, 1, 16)
-            add[:, 0, 3] = coords.reshape(hw, 2)[:, 0]
-            add[:, 0, 7] = coords.reshape(hw, 2)[:, 1]
+            add[:, 0, self.coord_elements[0]] = coords.reshape(hw, 2)[:, 0]
+            add[:, 0, self.coord_elements[1]] = coords.reshape(hw, 2)[:, 1]
             votes = votes + add
         votes = votes.reshape(n, 1, self.E, hw * d, 16).contiguous()
         a_in = a.reshape(n, 1, hw * d)
-        res = routing_function(self.compile_routing)(
-            votes, a_in, self.beta_a, self.beta_u, iterations=self.iterations,
-            final_lambda=self.final_lambda, fold=None, data_scale=hw * d / self.E,
-        )
+        ps = self.preset
+        ba, bu = _scaled_betas(self, ps)
+        kw = dict(iterations=self.iterations,
+                  final_lambda=ps.lambda_scale * ps.class_lambda * self.final_lambda, fold=None,
+                  data_scale=hw * d / self.E if ps.data_scale else 1.0, var_floor=ps.var_floor,
+                  schedule=ps.schedule, smooth=ps.smooth)
+        res = _with_surrogate(
+            self, lambda: routing_function(self.compile_routing)(votes, a_in, ba, bu, **kw),
+            lambda: votes, a_in, ba, bu, kw)
         out = {"poses": res.poses.reshape(n, self.E, 16), "logits": res.logits.reshape(n, self.E)}
         if return_all:
             out["votes"] = votes.reshape(n, self.E, h, w, d, 16)

@@ -44,7 +44,10 @@ _SIGNATURES = {
     "rc_vgrad": [_P, _L, _L, _L, _L, _L, _P, _P, _P, _P, _L, _L, _I],
     "rc_iteration": [_P, _L, _L, _L, _L, _P, _L, _L, _P, _L, _P, _L, _P, _P,
                      ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                     ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+                     ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                     ctypes.c_double],
+    "rc_norm_type": [_P, _L, _L, _L, _L, _L, _L, _P, _L, _P, _I],
+    "rc_norm_type_grad": [_P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _P, _L, _P],
 }
 
 
@@ -241,18 +244,20 @@ def vgrad(V: torch.Tensor, L: torch.Tensor, P: torch.Tensor, cs: torch.Tensor,
 def iteration(V: torch.Tensor, R: torch.Tensor, c0: torch.Tensor | None, *, rdiv: int,
               A: torch.Tensor | None, adiv: int, C: int, beta_a: torch.Tensor,
               buh: torch.Tensor, lam: float, data_scale: float, var_floor: float,
-              eps: float, ratio: float, estep: bool) -> dict[str, torch.Tensor]:
+              eps: float, ratio: float, estep: bool, prev: torch.Tensor | None = None,
+              alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """One EM iteration of M parents (see ``rc_iteration`` in routing_body.h).
 
     V: (M, J, 16); R: 2-D weight rows (row ``m // rdiv``); A: (M // adiv, J) contiguous
     or None; c0: (M, 16) contiguous reference or None (the weighted mean); beta_a, buh:
     (C,) contiguous, parent m has type ``m % C``. Returns c, S, mass, d, var, q, sls,
-    logit and, with ``estep``, w and z (M, J).
+    logit and, with ``estep``, w and z (M, J). ``alpha`` != 1: mean smoothing about
+    ``prev`` (M, 16) contiguous, or None for 0.
     """
     M, J, _ = V.shape
     _check_rows(V, R, A, c0, beta_a, buh)
     assert R.dim() == 2 and R.shape[1] == J and R.stride(1) == 1
-    assert all(t is None or t.is_contiguous() for t in (A, c0, beta_a, buh))
+    assert all(t is None or t.is_contiguous() for t in (A, c0, beta_a, buh, prev))
     new = V.new_empty
     out = {"c": new(M, 16), "S": new(M, 32), "mass": new(M), "d": new(M, 16),
            "var": new(M, 16), "q": new(M, 16), "sls": new(M), "logit": new(M)}
@@ -264,5 +269,43 @@ def iteration(V: torch.Tensor, R: torch.Tensor, c0: torch.Tensor | None, *, rdiv
         _ptr(A), adiv, _ptr(c0), C, beta_a.data_ptr(), buh.data_ptr(), float(lam),
         float(data_scale), float(var_floor), float(eps), float(ratio),
         *(o[k].data_ptr() for k in ("c", "S", "mass", "d", "var", "q", "sls", "logit")),
-        _ptr(o.get("w")), _ptr(o.get("z")))
+        _ptr(o.get("w")), _ptr(o.get("z")), _ptr(prev), float(alpha))
+    return out
+
+
+def _type_groups(z: torch.Tensor, index: torch.Tensor, B: int) -> tuple[int, int, int, int, int]:
+    n, L, C, J = z.shape
+    assert index.dtype == torch.int64 and index.is_contiguous() and index.numel() * B == L * J
+    return n, L, C, J // B, B
+
+
+def norm_type_(z: torch.Tensor, index: torch.Tensor, n_pos: int, B: int) -> torch.Tensor:
+    """The per-type E-step normaliser in place (``rc_norm_type``, with torch's vectorised
+    exp between its two stages): z (n, L, C, J = KK*B) with unit stride along J and rows of
+    parents ``(s, l, c)`` at one stride; ``index`` (L*KK,) int64 child positions. Returns
+    z, now the assignments R."""
+    n, L, C, KK, B = _type_groups(z, index, B)
+    assert z.stride(3) == 1 and z.stride(2) * C == z.stride(1) and (n == 1 or z.stride(0) == L * z.stride(1))
+    work = z.new_empty(C * n_pos * B)
+    fn = _fn("rc_norm_type", z)
+    args = (z.data_ptr(), z.stride(2), n, L, C, KK, B, index.data_ptr(), n_pos, work.data_ptr())
+    fn(*args, 0)
+    z.exp_()
+    fn(*args, 1)
+    return z
+
+
+def norm_type_grad(gR: torch.Tensor, R: torch.Tensor, out: torch.Tensor, index: torch.Tensor,
+                   n_pos: int, B: int) -> torch.Tensor:
+    """``out = R (gR - per-type fold sum of R gR)`` (``rc_norm_type_grad``): the gradient of
+    the E-step terms z from that of R. gR, R contiguous (n, L, C, J); out (n, L, C, J) with
+    unit stride along J and parent rows at one stride."""
+    n, L, C, KK, B = _type_groups(R, index, B)
+    assert gR.is_contiguous() and R.is_contiguous() and gR.shape == R.shape == out.shape
+    assert out.stride(3) == 1 and out.stride(2) * C == out.stride(1) and (n == 1 or out.stride(0) == L * out.stride(1))
+    _check_rows(R.new_empty(1, 1, 16), gR, out)
+    work = R.new_empty(C * n_pos * B)
+    _fn("rc_norm_type_grad", R)(gR.data_ptr(), R.data_ptr(), R.shape[3], out.data_ptr(),
+                                out.stride(2), n, L, C, KK, B, index.data_ptr(), n_pos,
+                                work.data_ptr())
     return out

@@ -109,13 +109,17 @@ void F(rc_moments)(const T *V, long sm, long sj, long M, long J,
  *   w = [d / var, -0.5 / var], k = -0.5 sum_h d^2 / var - sls - 0.5 H log(2 pi),
  *   z[m, j] = (w . [V - c, (V - c)^2] + k) + logsigmoid(logit).
  * Outputs, contiguous per parent: c (M,16) the reference used, S (M,32), mass (M), d, var,
- * q (M,16), sls, logit (M); w (M,32) and z (M,J) when z is not NULL. */
+ * q (M,16), sls, logit (M); w (M,32) and z (M,J) when z is not NULL.
+ * Mean smoothing (alpha != 1, routing preset "authors-smooth", capsule_em/em_layers.py):
+ * the centre is alpha * mean + (1 - alpha) * prev (prev (M,16) the previous iteration's
+ * centre, NULL for 0), and d, q, var and the E-step are about that centre:
+ *   d = alpha (S1 - eps c) / (mass + eps) + (1 - alpha) (prev - c). */
 void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
                      const T *R, long sr, long rdiv, const T *A, long adiv,
                      const T *c0, long C, const T *ba, const T *buh,
                      double lam, double ds, double vfloor, double eps, double ratio,
                      T *c, T *S, T *mass, T *d, T *var, T *q, T *sls, T *logit, T *w,
-                     T *z) {
+                     T *z, const T *prev, double alpha) {
     const T epsT = (T)eps, flo = (T)vfloor, half_log_2pi = (T)(8.0 * LOG_2PI);
     for (long m0 = 0; m0 < M; m0 += NB) {
         long nb = M - m0 < NB ? M - m0 : NB;
@@ -134,6 +138,10 @@ void F(rc_iteration)(const T *V, long sm, long sj, long M, long J,
             for (long i = 0; i < nb; i++) {
                 T den = ms[i] + epsT;
                 dd[i] = (a1[i] - epsT * cc[i]) / den;
+                if (alpha != 1.0) {
+                    VEC pv = prev ? LD(prev + (m0 + i) * 16) : (VEC){0};
+                    dd[i] = (T)alpha * dd[i] + (T)(1.0 - alpha) * (pv - cc[i]);
+                }
                 qq[i] = a2[i] - dd[i] * (2 * a1[i] - dd[i] * ms[i]);
                 VEC qc = qq[i];
                 for (int h = 0; h < 16; h++) qc[h] = qc[h] > 0 ? qc[h] : 0;
@@ -244,6 +252,80 @@ void F(rc_vgrad)(const T *V, long sm, long sj, long M, long J, long K,
                     ST(g[i] + j * gj, s);
                 }
         }
+    }
+}
+
+/* Per-type E-step normaliser (routing preset "authors"), in place, in two stages with a
+ * vectorised exp between them (a scalar exp here cost 2x the rest): z rows are parents
+ * m = (s L + l) C + c (row stride sz), each row J = KK * B slots (kernel offset kk, child
+ * type b innermost); idx[l KK + kk] is the child position of slot (l, kk). For every
+ * sample s, parent type c, child position p and child type b, the slots holding that
+ * child for that type form a group.
+ *   stage 0: z -= the group's max  (so exp(z) <= 1 and each group's sum >= 1; the shift
+ *            cancels exactly)
+ *   stage 1: z /= the group's sum  (z holding exp(z - max) by then)
+ * work: C n_pos B scratch elements. */
+void F(rc_norm_type)(T *z, long sz, long n, long L, long C, long KK, long B,
+                     const long long *idx, long n_pos, T *work, int stage) {
+    long G = C * n_pos * B;
+    const T init = stage ? (T)0 : -(T)INFINITY;
+    for (long s = 0; s < n; s++) {
+        for (long g = 0; g < G; g++) work[g] = init;
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                const T *row = z + ((s * L + l) * C + c) * sz;
+                for (long kk = 0; kk < KK; kk++) {
+                    T *grp = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    const T *x = row + kk * B;
+                    if (stage)
+                        for (long b = 0; b < B; b++) grp[b] += x[b];
+                    else
+                        for (long b = 0; b < B; b++) grp[b] = x[b] > grp[b] ? x[b] : grp[b];
+                }
+            }
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                T *row = z + ((s * L + l) * C + c) * sz;
+                for (long kk = 0; kk < KK; kk++) {
+                    const T *grp = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    T *x = row + kk * B;
+                    if (stage)
+                        for (long b = 0; b < B; b++) x[b] /= grp[b];
+                    else
+                        for (long b = 0; b < B; b++) x[b] -= grp[b];
+                }
+            }
+    }
+}
+
+/* Backward of rc_norm_type: out = R (gR - sum_group R gR), the groups as there.
+ * gR, R: rows of stride sr; out: rows of stride so (may be neither). work: C n_pos B. */
+void F(rc_norm_type_grad)(const T *gR, const T *R, long sr, T *out, long so, long n, long L,
+                          long C, long KK, long B, const long long *idx, long n_pos,
+                          T *work) {
+    long G = C * n_pos * B;
+    for (long s = 0; s < n; s++) {
+        for (long g = 0; g < G; g++) work[g] = 0;
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                long m = (s * L + l) * C + c;
+                const T *gr = gR + m * sr, *r = R + m * sr;
+                for (long kk = 0; kk < KK; kk++) {
+                    T *acc = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    for (long b = 0; b < B; b++) acc[b] += r[kk * B + b] * gr[kk * B + b];
+                }
+            }
+        for (long l = 0; l < L; l++)
+            for (long c = 0; c < C; c++) {
+                long m = (s * L + l) * C + c;
+                const T *gr = gR + m * sr, *r = R + m * sr;
+                T *o = out + m * so;
+                for (long kk = 0; kk < KK; kk++) {
+                    const T *acc = work + (c * n_pos + idx[l * KK + kk]) * B;
+                    for (long b = 0; b < B; b++)
+                        o[kk * B + b] = r[kk * B + b] * (gr[kk * B + b] - acc[b]);
+                }
+            }
     }
 }
 
