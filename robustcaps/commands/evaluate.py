@@ -136,7 +136,7 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
                               command=shlex.join(["robustcaps", *sys.argv[1:]]))
     finally:
         close_workers(workers)
-    if result.complete:
+    if result.complete and echo is not None:  # torchrun: rank 0 alone prints
         print_result(common, result)
     elif workers.mode == "shard":
         _print_shard_done(common, workers, out)
