@@ -334,3 +334,115 @@ class FoolboxBIM(_FoolboxAttack):
     def _make(self, cls, epsilon, targeted):
         alpha = bim_step_size(epsilon, self.steps, self.step_size)
         return cls(abs_stepsize=alpha, steps=self.steps, random_start=False)
+
+
+class TorchattacksPGD(_TorchattacksAttack):
+    """``torchattacks.PGD`` (L-inf) or ``PGDL2`` with a random start, once per epsilon; step
+    ``alpha`` as native PGD (default ``2.5 * eps / steps``). CE only: torchattacks' loss."""
+
+    name = "pgd"
+
+    def __init__(self, *, norm: str = "linf", steps: int = 50, step_size: float | None = None,
+                 batch_size: int | None = None) -> None:
+        from .sweep import check_norm
+
+        super().__init__(batch_size=batch_size)
+        self.norm = check_norm(norm)
+        self.steps, self.step_size = check_bim_settings(steps, step_size)
+
+    def params(self) -> dict[str, Any]:
+        return {"loss": "ce", "norm": self.norm, "steps": self.steps, "step_size": self.step_size}
+
+    def _attack(self, adapter, x, labels, epsilon, eps, targeted) -> torch.Tensor:
+        return super()._attack(adapter, x, labels, epsilon, eps, targeted).detach()
+
+    def _make(self, module, eps_u, loss_fn, epsilon):
+        alpha = self.step_size if self.step_size is not None else 2.5 * epsilon / self.steps
+        cls = _torchattacks().PGD if self.norm == "linf" else _torchattacks().PGDL2
+        return cls(module, eps=eps_u, alpha=alpha / module.scale, steps=self.steps,
+                   random_start=True)
+
+
+class _TorchattacksAPGDBase(_TorchattacksAttack):
+    """Shared settings of the torchattacks APGD wrappers (untargeted only: torchattacks'
+    APGD ignores the targeted mode, and its APGDT is untargeted by success criterion)."""
+
+    def __init__(self, *, norm: str = "linf", steps: int = 100, restarts: int = 1,
+                 rho: float = 0.75, seed: int = 0, batch_size: int | None = None) -> None:
+        from .sweep import check_norm, check_positive_int
+
+        super().__init__(batch_size=batch_size)
+        self.norm = check_norm(norm)
+        self.steps = check_positive_int("steps", steps)
+        self.restarts = check_positive_int("restarts", restarts)
+        self.rho, self.seed = float(rho), int(seed)
+
+    def params(self) -> dict[str, Any]:
+        return {"loss": self.loss, "norm": self.norm, "steps": self.steps,
+                "restarts": self.restarts, "rho": self.rho, "seed": self.seed}
+
+    def run(self, adapter, x, y, epsilons, targets=None, *, return_adv=False) -> AttackResult:
+        if targets is not None:
+            raise RobustcapsError(f"torchattacks {self.name} is untargeted: give no targets")
+        self._check_classes(adapter.num_classes or 0)
+        # torchattacks seeds torch's global generator: keep the caller's stream intact.
+        with torch.random.fork_rng(devices=[]):
+            return super().run(adapter, x, y, epsilons, return_adv=return_adv)
+
+    def _attack(self, adapter, x, labels, epsilon, eps, targeted) -> torch.Tensor:
+        # torchattacks' APGD returns tensors still attached to its autograd graph
+        return super()._attack(adapter, x, labels, epsilon, eps, targeted).detach()
+
+    def _check_classes(self, k: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _ta_norm(self) -> str:
+        return "Linf" if self.norm == "linf" else "L2"
+
+
+class TorchattacksAPGD(_TorchattacksAPGDBase):
+    """``torchattacks.APGD`` (loss ``ce`` or ``dlr``) called once per epsilon."""
+
+    name = "apgd"
+
+    def __init__(self, *, loss: str = "ce", **settings: Any) -> None:
+        super().__init__(**settings)
+        if loss not in ("ce", "dlr"):
+            raise RobustcapsError(f"torchattacks APGD loss must be ce or dlr, got {loss!r}")
+        self.loss = loss
+
+    def _check_classes(self, k: int) -> None:
+        if self.loss == "dlr" and k < 3:
+            raise RobustcapsError(f"torchattacks APGD-DLR needs >= 3 classes, the model has {k}")
+
+    def _make(self, module, eps_u, loss_fn, epsilon):
+        return _torchattacks().APGD(module, norm=self._ta_norm(), eps=eps_u, steps=self.steps,
+                                    n_restarts=self.restarts, seed=self.seed, loss=self.loss,
+                                    rho=self.rho)
+
+
+class TorchattacksAPGDT(_TorchattacksAPGDBase):
+    """``torchattacks.APGDT`` over ``min(9, K - 1)`` (or ``n_target_classes``) top wrong
+    classes, called once per epsilon. torchattacks tries ``n_classes - 1`` targets, so it
+    is given ``n_classes = targets + 1``; it needs K >= 4 (the targeted DLR)."""
+
+    name = "apgd-t"
+
+    def __init__(self, *, n_target_classes: int | None = None, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.loss = "dlr"
+        self.n_target_classes = n_target_classes
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "n_target_classes": self.n_target_classes}
+
+    def _check_classes(self, k: int) -> None:
+        if k < 4:
+            raise RobustcapsError(f"torchattacks APGD-T needs >= 4 classes, the model has {k}")
+
+    def _make(self, module, eps_u, loss_fn, epsilon):
+        k = module.adapter.num_classes
+        n = min(9, k - 1) if self.n_target_classes is None else min(self.n_target_classes, k - 1)
+        return _torchattacks().APGDT(module, norm=self._ta_norm(), eps=eps_u, steps=self.steps,
+                                     n_restarts=self.restarts, seed=self.seed, rho=self.rho,
+                                     n_classes=n + 1)

@@ -193,6 +193,9 @@ def _concat(parts: list[AttackResult]) -> AttackResult:
     for key in ("forwards", "backwards"):
         if key in info:
             info[key] = sum(p.info.get(key, 0) for p in parts)
+    for key in ("sample_forwards", "sample_backwards"):  # (E, N) per-sample costs
+        if key in info:
+            info[key] = np.concatenate([p.info[key] for p in parts], axis=1)
     return AttackResult(
         attack=p0.attack, backend=p0.backend, targeted=p0.targeted, epsilons=p0.epsilons,
         y=cat([p.y for p in parts]),
@@ -283,6 +286,9 @@ class BIM(_NativeAttack):
         with torch.no_grad():
             clean_pred = adapter.scores(x).argmax(dim=1)
         forwards, backwards = 1, 0
+        # per-sample passes per epsilon (the shared clean pass excluded), as PGD/APGD report
+        fw = torch.zeros(len(eps), n, dtype=torch.int64)
+        bw = torch.zeros(len(eps), n, dtype=torch.int64)
         # Current best adversarial example per sample (for carry-over across epsilons).
         found = _is_success(clean_pred, labels_d, targeted) if self.early_stop else \
             torch.zeros(n, dtype=torch.bool, device=dev)
@@ -306,6 +312,8 @@ class BIM(_NativeAttack):
                 _, grad, s = adapter.input_gradient(xa, lab, targeted=targeted, kind=self.loss)
                 forwards += 1
                 backwards += 1
+                fw[e, idx.cpu()] += 1
+                bw[e, idx.cpu()] += 1
                 if self.early_stop and step > 0:
                     # The scores of this pass are those of the current iterate: samples that
                     # already succeed keep it and leave the active batch.
@@ -324,11 +332,13 @@ class BIM(_NativeAttack):
                     out_pred[idx] = adapter.scores(xa).argmax(dim=1)
                 out_x[idx] = xa
                 forwards += 1
+                fw[e, idx.cpu()] += 1
             xs[e], adv_pred[e] = out_x, out_pred
             if self.early_stop:
                 newly = _is_success(out_pred, labels_d, targeted) & ~found
                 best_x[newly], best_pred[newly] = out_x[newly], out_pred[newly]
                 found |= newly
-        info = {"forwards": forwards, "backwards": backwards}
+        info = {"forwards": forwards, "backwards": backwards,
+                "sample_forwards": fw.numpy(), "sample_backwards": bw.numpy()}
         return _result(self.name, self.backend, targeted, eps, x, y, targets, clean_pred,
                        adv_pred, xs, return_adv, info, labels)
