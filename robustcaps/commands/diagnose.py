@@ -54,8 +54,9 @@ def parse_epsilon_list(text: str) -> list[float]:
 @click.option("--epsilons", default=None, metavar="E1,E2,...",
               help="L-inf grid for the attack indicators, in input units "
               "(default 0.02,0.05,0.1,0.2,0.5 x data scale).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="BIM iterations (the unbounded BIM uses twice as many).")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Iterations of the tracked PGD (step eps/3) and of the unbounded PGD; "
+              "incomplete optimization looks at the last min(10, steps) passes.")
 @click.option("--gradients-only", is_flag=True,
               help="Only the gradient statistics (skip every attack-based indicator).")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
