@@ -216,3 +216,36 @@ def test_bad_inputs(data):
         run_diagnostics([], x, y, progress=False)
     with pytest.raises(RobustcapsError, match="epsilons"):
         run_diagnostics([km.linear()], x, y, epsilons=[0.1, -1], progress=False)
+
+
+# ---------------------------------------------------------------- capsule-aware attacks
+def fake_capsule_net():
+    """A model whose attack fails (zero gradients) declared as a capsule network."""
+    return km.adapter(km.QuantisedNet(), "caps", outputs="capsule_logits")
+
+
+def test_attack_failure_on_a_capsule_network_names_the_capsule_aware_attacks(data):
+    res = diagnose([fake_capsule_net(), km.linear()], data, finite_differences=False)
+    assert res.verdict("caps", "P6") == FAIL
+    assert res.recommended == {"caps": ["pgd-bpda", "vote-attack", "cw"]}  # not the linear one
+    assert res.adaptive.empty  # named, not run, without adaptive=True
+
+
+def test_adaptive_runs_the_attacks_the_registry_holds(data, monkeypatch):
+    from robustcaps.attacks import native, registry
+    from robustcaps.diagnostics.adaptive import available
+
+    # stand-in registration: vote-attack exists in this installation for this test
+    monkeypatch.setitem(registry._ATTACKS, "vote-attack",
+                        registry.AttackEntry("vote-attack", "test", {"native": native.BIM}))
+    res = diagnose([fake_capsule_net()], data, finite_differences=False, adaptive=True,
+                   epsilons=[0.1, 0.5])
+    ad = res.adaptive
+    status = ad.groupby("attack", sort=False)["status"].first().to_dict()
+    assert list(status) == ["pgd-bpda", "vote-attack", "cw"]
+    assert status["vote-attack"] == "ran" and status["cw"] == "ran"
+    assert status["pgd-bpda"] == ("ran" if available("pgd-bpda") else
+                                  "unavailable: not in the attack registry")
+    ran = ad[ad["attack"].isin(["vote-attack", "cw"])]
+    assert ran["epsilon"].tolist() == [0.1, 0.5, 0.1, 0.5]
+    assert (ran["success_rate"] == 0.0).all()  # zero gradients: no attack moves this one

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
+from .adaptive import COLUMNS, recommendations, run_adaptive
 from .gradients import GradientAnalysis, compare_magnitudes, gradient_statistics, loss_profile
 from .indicators import (
     CHECKS,
@@ -68,6 +69,10 @@ class DiagnosticsResult:
         profiles: loss and correctness along the gradient-sign and a random-sign direction.
         config: the parameters used (JSON-ready).
         paths: written files by kind (empty without ``out``).
+        recommended: capsule models flagged by C/P4/P6 -> the capsule-aware attacks to run
+            next (:mod:`.adaptive`).
+        adaptive: what those attacks did when run (``adaptive=True``): model, attack,
+            status (``ran`` or why not), epsilon, success_rate.
     """
 
     stats: pd.DataFrame
@@ -79,6 +84,8 @@ class DiagnosticsResult:
     config: dict[str, Any]
     log10_abs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     paths: dict[str, Path] = field(default_factory=dict)
+    recommended: dict[str, list[str]] = field(default_factory=dict)
+    adaptive: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
 
     def verdict(self, model: str, check_id: str) -> str:
         """The verdict of one check for one model (``PASS``/``WARN``/``FAIL``/``N/A``)."""
@@ -143,6 +150,7 @@ def run_diagnostics(
     dataset: str | None = None,
     progress: bool = True,
     figures: bool = True,
+    adaptive: bool = False,
 ) -> DiagnosticsResult:
     """Gradient statistics and masking indicators for ``adapters`` on ``x`` (N, *in), ``y`` (N,).
 
@@ -160,6 +168,7 @@ def run_diagnostics(
         seed: seeds every random draw here (directions, noise).
         dataset: a description of the data for the report.
         progress: a progress bar per model and phase.
+        adaptive: run the capsule-aware attacks recommended for flagged capsule networks.
     """
     from tqdm.auto import tqdm
 
@@ -258,14 +267,22 @@ def run_diagnostics(
         "attacks": attacks,
         "float64": float64,
         "finite_differences": finite_differences,
+        "adaptive": adaptive,
         "seed": seed,
         "torch": torch.__version__,
         "timings_s": timings,
     }
+    recommended = recommendations(verdicts, adapters)
+    adaptive_df = pd.DataFrame(columns=COLUMNS)
+    if adaptive and recommended:
+        bar.set_postfix_str("adaptive attacks")
+        adaptive_df = pd.concat([run_adaptive(a, x, y, cfg.epsilons, cfg.steps, batch_size)
+                                 for a in adapters if a.name in recommended], ignore_index=True)
     result = DiagnosticsResult(stats, verdicts, magnitudes, curve_df, per_sample,
                                pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame(),
                                config,
-                               {ga.model: ga.log10_abs for ga in analyses})
+                               {ga.model: ga.log10_abs for ga in analyses},
+                               recommended=recommended, adaptive=adaptive_df)
     if out is not None:
         bar.set_postfix_str("report")
         config["seconds_total"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .adaptive import CAPSULE_ATTACKS, available
 from .indicators import CHECKS, DEVIATIONS, FAIL, NA, PASS, WARN
 
 if TYPE_CHECKING:
@@ -261,8 +262,35 @@ def conclusion(result: DiagnosticsResult, model: str) -> str:
                          f"than {r['reference']}'s.")
         elif isinstance(ratio, float) and ratio == -math.inf:
             parts.append(f"Its gradients are zero where {r['reference']}'s are not.")
+    if model in result.recommended:
+        parts.append(next_attacks(result, model))
     parts.append(f"Clean accuracy on these samples: {_fmt(st['clean_accuracy'], 'pct')}.")
     return " ".join(parts)
+
+
+def next_attacks(result: DiagnosticsResult, model: str) -> str:
+    """The capsule-aware attacks to run next, and whether this installation has them."""
+    names = [f"`{n}` ({CAPSULE_ATTACKS[n]}{'' if available(n) else '; not in this installation'})"
+             for n in result.recommended[model]]
+    ran = " (run below)" if len(result.adaptive) else ""
+    return ("**Next:** this is a capsule network and the checks point at the attack, so run "
+            f"the capsule-aware attacks{ran}: " + "; ".join(names) + ". "
+            "`robustcaps diagnose --adaptive` runs those available.")
+
+
+def adaptive_section(result: DiagnosticsResult) -> list[str]:
+    """Markdown lines: success rates of the capsule-aware attacks, or why they did not run."""
+    L = ["## Capsule-aware attacks", ""]
+    ad = result.adaptive
+    for (model, attack), g in ad.groupby(["model", "attack"], sort=False):
+        status = g["status"].iloc[0]
+        if status != "ran":
+            L.append(f"- {model}, `{attack}`: {status}.")
+            continue
+        rates = ", ".join(f"eps {e:g}: {_fmt(r, 'pct')}" for e, r in zip(g["epsilon"], g["success_rate"], strict=True))
+        L.append(f"- {model}, `{attack}`: success on clean-correct samples {rates}.")
+    L.append("")
+    return L
 
 
 def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path]) -> Path:
@@ -442,6 +470,8 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     elif "fig_profile" in figures:
         L.append(f"![Loss along the gradient direction]({figures['fig_profile'].name})")
         L.append("")
+    if len(result.adaptive):
+        L += adaptive_section(result)
     L.append("## Numbers behind each verdict")
     L.append("")
     rows = [[r["model"], r["id"], r["check"], BADGE[r["verdict"]], r["numbers"]]
