@@ -130,3 +130,18 @@ def test_zoo_capsule_network():
     assert v["P6"] == FAIL and v["C"] == FAIL
     assert value(res, "P6") == pytest.approx(4 / 26)
     assert res.recommended == {"capsnet-small": ["pgd-bpda", "vote-attack", "cw"]}
+
+
+def test_interrupted_graph_next_to_an_honest_model_in_one_report(tmp_path):
+    models = km.calibration_models()
+    x, y = km.eval_data(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_diagnostics([models["numpy-preprocessed"], models["clean-linear"]], x, y,
+                              progress=False, out=tmp_path, finite_differences=False)
+    assert res.overall() == {"numpy-preprocessed": FAIL, "clean-linear": PASS}
+    assert res.verdict("numpy-preprocessed", "G1") == NA
+    assert res.verdict("clean-linear", "G5") == NA  # no second gradient to compare with
+    report = (tmp_path / "gradient_report.md").read_text()
+    assert "computational graph interrupted" in report and "(BPDA, Athalye et al. 2018)" in report
+    assert (tmp_path / "grad_norms.png").is_file() and (tmp_path / "attack_curves.png").is_file()

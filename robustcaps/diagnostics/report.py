@@ -362,14 +362,15 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     for m in models:
         L.append(f"**{m}: {overall[m]}.** {conclusion(result, m)}")
         L.append("")
-    if len(models) > 1:
+    measured = [m for m in models if m in result.log10_abs]  # an interrupted graph has none
+    if len(measured) > 1:
         L.append("### The paper's two measurements")
         L.append("")
-        zf = ", ".join(f"{m} {_fmt(st.loc[m, 'zero_fraction'], 'pct')}" for m in models)
+        zf = ", ".join(f"{m} {_fmt(st.loc[m, 'zero_fraction'], 'pct')}" for m in measured)
         L.append(f"- Share of exactly-zero entries in dL/dx: {zf}. (Paper: smaller for the "
                  "capsule model than for the CNN.)")
-        ref = max(models, key=lambda m: st.loc[m, "l1_q50"])
-        for m in models:
+        ref = max(measured, key=lambda m: st.loc[m, "l1_q50"])
+        for m in measured:
             if m == ref:
                 continue
             row = result.magnitudes[(result.magnitudes["model"] == m)
@@ -438,7 +439,7 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
         L.append("## Attack-based indicators")
         L.append("")
         cu = result.curves
-        for m in models:
+        for m in measured:
             d = cu[cu["model"] == m]
             attacks = list(dict.fromkeys(d["attack"]))
             epss = sorted(d.loc[d["attack"] == "pgd", "epsilon"].unique())
