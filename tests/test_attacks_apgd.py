@@ -209,7 +209,7 @@ def test_bad_settings(kwargs):
 
 
 def test_bench_compare_iterative(mlp, data):
-    from robustcaps.bench.attacks import compare_iterative
+    from robustcaps.bench.iterative import compare_iterative
 
     x, y = data
     res = compare_iterative(mlp, x, y, [0.1, 0.2], pgd_steps=10, apgd_steps=10)
