@@ -111,15 +111,17 @@ def test_saturated_model_fails_with_probabilities_and_passes_with_logits(results
 
 
 @pytest.mark.slow
-def test_zoo_capsule_network():
+def test_zoo_capsule_network(monkeypatch):
     # What it truly is (measured, 32 SynthNORB test samples, ~4 min on 2 busy cores): no
     # numerical masking, since its gradients are finite, exact (float64 and finite
     # differences agree) and never all zero, and the tracked PGD converges (P4). Yet an
     # unbounded PGD leaves 4 of 26 clean-correct samples unfooled (P6, C), which no
     # classifier can resist: the gradient attack, not the model, fails. Hence FAIL, and
-    # the report names the capsule-aware attacks to run next.
+    # the report names the capsule-aware attacks to run next. (APGD-CE, a better optimiser,
+    # takes its accuracy at eps 0.5 from PGD-50's 17% to 3%: results/pgd-apgd.)
     import robustcaps
 
+    monkeypatch.setenv("ROBUSTCAPS_BUILTIN_ZOO", "1")  # the committed checkpoint, on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = robustcaps.diagnose(["capsnet-small"], "synthnorb", n_samples=32, device="cpu",
