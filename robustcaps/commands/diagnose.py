@@ -83,14 +83,14 @@ def command(common, models, dataset, split, data_dir, n_samples, loss, epsilons,
     try:
         if workers.rank == 0:
             _diagnose(common, models, dataset, split, data_dir, n_samples, loss, epsilons, steps,
-                      gradients_only, no_figures)
+                      gradients_only, no_figures, adaptive)
         workers.barrier()
     finally:
         close_workers(workers)
 
 
 def _diagnose(common, models, dataset, split, data_dir, n_samples, loss, epsilons, steps,
-              gradients_only, no_figures) -> None:
+              gradients_only, no_figures, adaptive) -> None:
     from .. import diagnose
 
     eps = parse_epsilon_list(epsilons) if epsilons is not None else None
