@@ -78,7 +78,7 @@ def adapt(module: nn.Module | ModelAdapter, **options: Any) -> ModelAdapter:
 def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | None = None, *,
              out: str | Path | None = None, resume: bool = False, n_examples: int = 3,
              figures: bool = True, progress: bool = True, echo: Any = None,
-             **settings: Any) -> EvaluationResult:
+             shard: str | None = None, **settings: Any) -> EvaluationResult:
     """Run attack sweeps from Python (e.g. a notebook); nothing is written without ``out``.
 
     Args:
@@ -91,6 +91,9 @@ def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | 
         out: run directory for CSV/JSON/figures/manifest (resumable), or None.
         resume: continue the run in ``out``; settings not given are read from it, so
             ``evaluate(resume=True, out=DIR)`` alone continues an interrupted run.
+        shard: ``"I/N"``: run share I of N into ``out`` (independent processes); the share
+            that finds every unit done merges. Under torchrun the ranks split the run
+            without it.
         **settings: the settings of :mod:`robustcaps.evaluation.config` (``epsilons``,
             ``targeted``, ``n_samples``, ``steps``, ``backend``, ``device``, ``seed``, ...).
 
@@ -100,6 +103,7 @@ def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | 
         without ``out``).
     """
     from .evaluation.config import EvaluationConfig, OutputSettings
+    from .evaluation.distributed import parse_shard
     from .evaluation.run import evaluate as _evaluate
 
     output = OutputSettings(out=None if out is None else Path(out), resume=resume,
@@ -109,7 +113,7 @@ def evaluate(models: Any = None, dataset: Any = None, attack: str | list[str] | 
         config = EvaluationConfig.from_run_dir(out, output=output, **given)
     else:
         config = EvaluationConfig.from_kwargs(**given, output=output)
-    return _evaluate(config, echo=echo)
+    return _evaluate(config, echo=echo, workers=None if shard is None else parse_shard(shard))
 
 
 def diagnose(models: Any = ("capsnet-small", "cnn"), dataset: Any = "synthnorb", *,

@@ -20,6 +20,10 @@ All take (N, C, H, W) inputs (default 1x8x8, 4 classes) and are cheap enough for
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,3 +152,187 @@ class RampNet(nn.Module):
 
 def scalar_adapter(model: nn.Module, name: str) -> ModelAdapter:
     return ModelAdapter(model, input_shape=(1, 1, 1), num_classes=2, name=name, device="cpu")
+
+
+# ---------------------------------------------------------------- the calibration suite
+# Models fitted in the tests (fixed seeds, seconds on one core) on MNIST t10k when the
+# shared copy is present, else on generated digit-like data of the same shape. All take
+# (N, 1, 28, 28) images in [0, 1] and return 10 logits unless said otherwise.
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
+IMAGE = (1, 28, 28)
+
+
+def fit_data(n: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(x, y, source) for fitting: MNIST t10k-train when present, else generated data."""
+    if MNIST_DIR.is_dir():
+        from robustcaps.data.coerce import as_dataset
+
+        d = as_dataset("mnist", "t10k-train", n_samples=n, seed=seed, data_dir=MNIST_DIR,
+                       progress=False)
+        return d.x.float(), d.y.long(), "mnist t10k-train"
+    return (*generated_digits(n, seed), "generated")
+
+
+def eval_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out samples: MNIST t10k-test when present, else generated (another seed)."""
+    if MNIST_DIR.is_dir():
+        from robustcaps.data.coerce import as_dataset
+
+        d = as_dataset("mnist", "t10k-test", n_samples=n, seed=seed, data_dir=MNIST_DIR,
+                       progress=False)
+        return d.x.float(), d.y.long()
+    return generated_digits(n, seed + 1000)
+
+
+def generated_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 fixed smooth blob templates plus per-sample noise, clipped to [0, 1]."""
+    gen = torch.Generator().manual_seed(1234)
+    templates = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 28, 28, generator=gen), 7, 1, 3)
+    templates = (templates - templates.mean()) * 8 + 0.3
+    gen.manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    x = templates[y] + 0.3 * torch.randn(n, *IMAGE, generator=gen)
+    return x.clamp(0, 1), y
+
+
+class SmallCNN(nn.Module):
+    """Two conv + max-pool blocks and a linear head: an ordinary MNIST CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Logistic(nn.Module):
+    """Multinomial logistic regression on the 784 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3, seed: int = 0,
+        lr: float = 3e-3) -> nn.Module:
+    """Adam on cross-entropy, batches of 50 in a seeded order; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(50):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+class QuantisedInput(nn.Module):
+    """``round(x * levels) / levels`` before ``base``: autograd sees exactly zero gradients."""
+
+    def __init__(self, base: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.base, self.levels = base, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(torch.round(x * self.levels) / self.levels)
+
+
+class Saturated(nn.Module):
+    """``gain`` x the base's logits, and their float32 softmax (dict output)."""
+
+    def __init__(self, base: nn.Module, gain: float = 1000.0) -> None:
+        super().__init__()
+        self.base, self.gain = base, gain
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.gain * self.base(x)
+        return {"logits": z, "probabilities": torch.softmax(z, dim=1)}
+
+
+class Randomised(nn.Module):
+    """The base on ``x + sigma * N(0, 1)``, fresh noise at every call (a randomised defence)."""
+
+    def __init__(self, base: nn.Module, sigma: float = 0.5) -> None:
+        super().__init__()
+        self.base, self.sigma = base, sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x + self.sigma * torch.randn_like(x))
+
+
+def smooth_and_quantise(x: np.ndarray) -> np.ndarray:
+    """A 3x3 median filter after 8-level bit-depth reduction, in numpy (as a JPEG or a
+    library filter would be): no autograd graph survives it."""
+    q = np.round(x * 8) / 8
+    p = np.pad(q, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = x.shape[-2:]
+    windows = [p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    return np.median(np.stack(windows), axis=0).astype(x.dtype)
+
+
+class NumpyPreprocessed(nn.Module):
+    """``base(smooth_and_quantise(x))`` computed outside autograd. With ``bpda=True`` the
+    backward pass treats the preprocessing as the identity (BPDA, Athalye et al. 2018):
+    the same forward values, a usable gradient."""
+
+    def __init__(self, base: nn.Module, bpda: bool = False) -> None:
+        super().__init__()
+        self.base, self.bpda = base, bpda
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.from_numpy(smooth_and_quantise(x.detach().cpu().numpy())).to(x)
+        return self.base(x + (z - x).detach() if self.bpda else z)
+
+
+def image_adapter(model: nn.Module, name: str, **options) -> ModelAdapter:
+    """A 28x28 model on the CPU with the [0, 1] box."""
+    return ModelAdapter(model, input_shape=IMAGE, num_classes=10, name=name, device="cpu",
+                        bounds=(0.0, 1.0), **options)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def fitted() -> dict[str, nn.Module]:
+    """The fitted CNN and logistic regression (cached: several tests share them)."""
+    x, y, _ = fit_data()
+    return {"cnn": frozen(fit(SmallCNN(), x, y)), "linear": frozen(fit(Logistic(), x, y, epochs=5))}
+
+
+def third_party_net() -> ModelAdapter:
+    """The shipped example model, loaded as a user would (file spec + output key)."""
+    from robustcaps.models.resolve import resolve_model
+
+    spec = f"{Path(__file__).resolve().parents[1] / 'models/examples/third_party_net.py'}:build"
+    return resolve_model(spec, defaults={"input_shape": IMAGE, "num_classes": 10, "bounds": (0.0, 1.0)},
+                         device="cpu", output_key="class_scores", name="third-party-net")
+
+
+def calibration_models() -> dict[str, ModelAdapter]:
+    """Every calibration model by name (the zoo capsule network is built separately)."""
+    f = fitted()
+    return {
+        "clean-cnn": image_adapter(f["cnn"], "clean-cnn"),
+        "clean-linear": image_adapter(f["linear"], "clean-linear"),
+        "third-party-net": third_party_net(),
+        "quantised-input": image_adapter(QuantisedInput(f["cnn"]), "quantised-input"),
+        "saturated-probs": image_adapter(Saturated(f["linear"]), "saturated-probs",
+                                         outputs="probabilities", output_key="probabilities"),
+        "saturated-logits": image_adapter(Saturated(f["linear"]), "saturated-logits",
+                                          outputs="logits", output_key="logits", loss="cw"),
+        "randomised": image_adapter(Randomised(f["cnn"]), "randomised"),
+        "numpy-preprocessed": image_adapter(NumpyPreprocessed(f["cnn"]), "numpy-preprocessed"),
+    }

@@ -118,3 +118,20 @@ def test_diagnose_unknown_model(setup):
                                    f"npz:{setup['data']}", "--out", str(setup["dir"] / "y")])
     assert res.exit_code == 2
     assert "no-such-model" in res.output and "Traceback" not in res.output
+
+
+def test_diagnose_adaptive_on_a_failing_capsule_network(setup):
+    res = run(["diagnose", "--model", f"{setup['model']}:stepped", "--model-name", "caps",
+               "--outputs", "capsule_logits", "--dataset", f"npz:{setup['data']}",
+               "--n-samples", "8", "--steps", "5", "--no-figures", "--device", "cpu",
+               "--out", str(setup["dir"] / "ad"), "--adaptive"])
+    assert res.exit_code == 0, res.output
+    from robustcaps.diagnostics.adaptive import available
+
+    assert "caps: the checks point at attack failure; capsule-aware attacks to run next: " \
+        "pgd-bpda" in res.output and "vote-attack" in res.output
+    if not available("vote-attack"):
+        assert "vote-attack (unavailable: not in the attack registry)" in res.output
+    assert "caps cw: success by eps 0.02: 0.0%" in res.output
+    report = (setup["dir"] / "ad" / "gradient_report.md").read_text()
+    assert "## Capsule-aware attacks" in report and "**Next:**" in report

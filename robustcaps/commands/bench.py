@@ -13,12 +13,13 @@ import click
 from ..cli import LazyGroup
 from ._common import Common, common_options, out_dir
 
-BENCHMARKS = ("routing",)
+BENCHMARKS = ("routing", "scale")
 
 
 @click.group("bench", cls=LazyGroup, package="robustcaps.bench", names=BENCHMARKS)
 def command() -> None:
-    """Benchmarks: routing (capsule layers), attacks (backends), data (SynthNORB)."""
+    """Benchmarks: routing (capsule layers), attacks (backends), data (SynthNORB), scale
+    (1 vs N processes)."""
 
 
 @command.command("attacks")

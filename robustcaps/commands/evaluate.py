@@ -8,6 +8,7 @@ settings, then a suite, then options given explicitly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 from datetime import datetime
@@ -93,18 +94,24 @@ def _settings_options(f):
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run in --out (settings are read from it).")
 @click.option("--no-figures", is_flag=True, help="Skip the figures.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run share I of N (0 <= I < N) into --out, for schedulers without torchrun "
+              "(e.g. a Slurm array); the last shard to finish merges (else: robustcaps report OUT).")
 @common_options(out_help="Run directory (default results/runs/<timestamp>-<attack>).",
                 batch_default=None)
 @click.pass_context
 def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_range, suite,
-            resume, no_figures, **options) -> None:
+            resume, no_figures, shard, **options) -> None:
     """Attack models over an epsilon sweep and write records, summary, figures and manifest.
 
     Epsilons are L-infinity sizes in the model's input space: per-image standardised
     units for NORB data (no bounds), [0, 1] units for MNIST. With --attack alone it runs
-    the embedded default: SynthNORB test split, zoo capsnet-small and cnn.
+    the embedded default: SynthNORB test split, zoo capsnet-small and cnn. Under torchrun
+    (python -m torch.distributed.run --nproc-per-node N -m robustcaps evaluate ...) the
+    ranks share the units and rank 0 merges and prints.
     """
     from ..evaluation.config import EvaluationConfig, OutputSettings
+    from ..evaluation.distributed import close_workers
     from ..evaluation.run import evaluate
 
     settings = _base_settings(common, resume, suite)
@@ -117,12 +124,38 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
         raise click.UsageError("give --attack fgsm|bim|transfer|all (or --suite FILE)")
     if _explicit(ctx, "model") or settings.get("models") is None:
         settings["models"] = models  # ModelRequests (with their adapter options)
-    out = common.out or _default_out(settings["attack"])
+    workers = start_workers(shard, settings["device"])
+    out = common.out or workers.same(_default_out(settings["attack"]))
     config = EvaluationConfig.from_kwargs(**settings, output=OutputSettings(
-        out=out, resume=resume, figures=not no_figures, progress=not common.quiet))
-    with on_interrupt("evaluate", out, "config.json"):
-        result = evaluate(config, echo=common.echo,
-                          command=shlex.join(["robustcaps", *sys.argv[1:]]))
+        out=out, resume=resume, figures=not no_figures,
+        progress=not common.quiet and workers.rank == 0))
+    echo = common.echo if workers.main or workers.mode == "shard" else None
+    try:
+        with on_interrupt("evaluate", out, "config.json"):
+            result = evaluate(config, echo=echo, workers=workers,
+                              command=shlex.join(["robustcaps", *sys.argv[1:]]))
+    finally:
+        close_workers(workers)
+    if result.complete and echo is not None:  # torchrun: rank 0 alone prints
+        print_result(common, result)
+    elif workers.mode == "shard":
+        _print_shard_done(common, workers, out)
+
+
+def start_workers(shard: str | None, device: str):
+    """This process's place: shard I/N, a torchrun rank, or the only process."""
+    from ..evaluation.distributed import detect_workers, parse_shard
+
+    if shard is None:
+        return detect_workers(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError("--shard is for independent processes; under torchrun the ranks "
+                               "split the run by themselves")
+    return parse_shard(shard)
+
+
+def print_result(common, result) -> None:
+    """The console table and the files written (evaluate, and report after a merge)."""
     common.echo("")
     common.echo(result.table)
     common.echo("")
@@ -130,6 +163,14 @@ def command(ctx: click.Context, common, models, attack, mode, epsilons, eps_rang
     for name, path in result.paths.items():
         if name != "complete":
             click.echo(f"  {path}")
+
+
+def _print_shard_done(common, workers, out: Path) -> None:
+    from ..evaluation.merge import missing_units
+
+    left = missing_units(out) or []
+    common.echo(f"{workers.label} done; {len(left)} units of the run are still with other "
+                f"shards; once they finish: robustcaps report {out}")
 
 
 def _base_settings(common, resume: bool, suite: str | None) -> dict[str, Any]:

@@ -19,10 +19,15 @@ def command(common, run_dir: Path, no_figures: bool) -> None:
 
     Everything is recomputed from RUN_DIR/records.csv.gz (plus manifest.json for class
     names and examples/*.npz for the example grid), so any figure can be regenerated.
-    With --out OTHER they are written to OTHER and RUN_DIR is only read.
+    With --out OTHER they are written to OTHER and RUN_DIR is only read. A run whose
+    processes (--shard I/N, torchrun) have all finished is merged into RUN_DIR first;
+    otherwise the missing units and shards are named.
     """
     from ..report import COMPLETE_MARKER, build_report
 
+    if not (run_dir / "records.csv.gz").is_file() and (run_dir / "plan.json").is_file():
+        _merge(common, run_dir, no_figures)  # a run filled unit by unit (shards, torchrun)
+        return
     result = build_report(run_dir, figures=not no_figures, out=common.out)
     if not (run_dir / COMPLETE_MARKER).is_file():
         click.echo(f"Warning: {run_dir} has no {COMPLETE_MARKER} marker; the records may be "
@@ -32,3 +37,10 @@ def command(common, run_dir: Path, no_figures: bool) -> None:
     common.echo("files:")
     for path in result.values():
         click.echo(f"  {path}")
+
+
+def _merge(common, run_dir: Path, no_figures: bool) -> None:
+    from ..evaluation.merge import merge_run
+    from .evaluate import print_result
+
+    print_result(common, merge_run(run_dir, figures=not no_figures))

@@ -106,6 +106,8 @@ def command(common, model_name: str, arch_kw: tuple[str, ...], no_multi_crop: bo
                        batch_size=common.batch_size, device=common.device,
                        progress=not common.quiet, arch_kwargs=parse_arch_kwargs(arch_kw),
                        multi_crop=not no_multi_crop, stereo=not mono, **kwargs)
+    if result.get("rank", 0):  # under torchrun only rank 0 reports
+        return
     if result.get("interrupted"):  # the trainer checkpointed on Ctrl-C
         raise Interrupted(resume_hint("train", common.out, "checkpoints/last.pt"))
     if result["status"] == "paused":

@@ -26,22 +26,29 @@ import torch
 
 from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
+from .adaptive import COLUMNS, recommendations, run_adaptive
 from .gradients import GradientAnalysis, compare_magnitudes, gradient_statistics, loss_profile
 from .indicators import (
     CHECKS,
+    DEVIATIONS,
+    attack_verdicts,
+    curves,
+    gradient_verdicts,
+    interrupted_rows,
+    worst,
+)
+from .ioaf import graph_interrupted
+from .runs import (
+    DEFAULT_STEPS,
     AttackConfig,
     AttackRuns,
     add_transfer,
-    attack_verdicts,
-    curves,
     data_scale,
     default_epsilons,
-    gradient_verdicts,
     run_attacks,
-    worst,
 )
 
-__all__ = ["CHECKS", "DiagnosticsResult", "run_diagnostics"]
+__all__ = ["CHECKS", "DEVIATIONS", "DiagnosticsResult", "run_diagnostics"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,10 @@ class DiagnosticsResult:
         profiles: loss and correctness along the gradient-sign and a random-sign direction.
         config: the parameters used (JSON-ready).
         paths: written files by kind (empty without ``out``).
+        recommended: capsule models flagged by C/P4/P6 -> the capsule-aware attacks to run
+            next (:mod:`.adaptive`).
+        adaptive: what those attacks did when run (``adaptive=True``): model, attack,
+            status (``ran`` or why not), epsilon, success_rate.
     """
 
     stats: pd.DataFrame
@@ -73,6 +84,8 @@ class DiagnosticsResult:
     config: dict[str, Any]
     log10_abs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     paths: dict[str, Path] = field(default_factory=dict)
+    recommended: dict[str, list[str]] = field(default_factory=dict)
+    adaptive: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
 
     def verdict(self, model: str, check_id: str) -> str:
         """The verdict of one check for one model (``PASS``/``WARN``/``FAIL``/``N/A``)."""
@@ -125,17 +138,19 @@ def run_diagnostics(
     *,
     out: str | Path | None = None,
     epsilons: list[float] | tuple[float, ...] | None = None,
-    steps: int = 10,
+    steps: int = DEFAULT_STEPS,
     attacks: bool = True,
     float64: bool = True,
     finite_differences: bool = True,
     n_random: int = 4,
+    gamma: int = 20,
     profile_samples: int = 8,
     seed: int = 0,
     batch_size: int | None = None,
     dataset: str | None = None,
     progress: bool = True,
     figures: bool = True,
+    adaptive: bool = False,
 ) -> DiagnosticsResult:
     """Gradient statistics and masking indicators for ``adapters`` on ``x`` (N, *in), ``y`` (N,).
 
@@ -144,14 +159,16 @@ def run_diagnostics(
         out: folder for ``gradient_report.md``, ``gradients.json``/``.csv`` and figures.
         epsilons: L-infinity grid (input space) for the attack indicators; default
             (0.02, 0.05, 0.1, 0.2, 0.5) x the data scale (box width, or the data's std).
-        steps: BIM iterations K (the unbounded BIM uses 2K).
+        steps: PGD iterations K of the tracked attack (the unbounded PGD uses as many).
         attacks: run the attack-based indicators (A-D, P2-P6); gradient checks always run.
+        gamma: random draws per sample of the unstable-predictions indicator (P2).
         float64, finite_differences: the float64 recomputation and derivative checks.
         n_random: random sign perturbations per sample and epsilon (check D).
         profile_samples: samples for the loss-along-gradient profile figure.
         seed: seeds every random draw here (directions, noise).
         dataset: a description of the data for the report.
         progress: a progress bar per model and phase.
+        adaptive: run the capsule-aware attacks recommended for flagged capsule networks.
     """
     from tqdm.auto import tqdm
 
@@ -163,8 +180,8 @@ def run_diagnostics(
     scale = data_scale(x, bounds)
     eps = tuple(epsilons) if epsilons is not None else default_epsilons(scale)
     cfg = AttackConfig(epsilons=eps, steps=steps, unbounded_eps=(bounds[1] - bounds[0]) if bounds
-                       else 100.0 * scale, n_random=n_random, noise_scale=scale, seed=seed,
-                       batch_size=batch_size)
+                       else 100.0 * scale, n_random=n_random, noise_scale=scale, gamma=gamma,
+                       seed=seed, batch_size=batch_size)
     phases = ["gradients"] + (["attacks"] if attacks else [])
     bar = tqdm(total=len(adapters) * len(phases) + (1 if out else 0), desc="diagnose",
                disable=not progress, leave=False)
@@ -172,9 +189,15 @@ def run_diagnostics(
     runs: dict[str, AttackRuns] = {}
     timings: dict[str, float] = {}
     profiles = []
+    interrupted: dict[str, list[dict[str, Any]]] = {}
     for a in adapters:
         bar.set_postfix_str(f"{a.name}: gradients")
         t = time.perf_counter()
+        broken = graph_interrupted(lambda a=a: a.input_gradient(x[:2], y[:2]))
+        if broken is not None:
+            interrupted[a.name] = interrupted_rows(a, x, y, cfg, broken)
+            bar.update(len(phases))
+            continue
         ga = gradient_statistics(a, x, y, batch_size=batch_size, float64=float64,
                                  finite_differences=finite_differences, seed=seed)
         k = min(profile_samples, x.shape[0])
@@ -210,7 +233,11 @@ def run_diagnostics(
         st["seconds"] = sum(v for k, v in timings.items()
                             if k.startswith(ga.model + "/") and k.count("/") == 1)
         stats_rows.append(st)
-    verdicts = pd.DataFrame(rows)
+    for name, extra in interrupted.items():
+        rows += extra
+        stats_rows.append({"model": name, "n_samples": int(x.shape[0]), "graph_interrupted": True,
+                           "clean_accuracy": extra[0]["clean_accuracy"]})
+    verdicts = pd.DataFrame(rows).drop(columns=["clean_accuracy"], errors="ignore")
     order = {c["id"]: i for i, c in enumerate(CHECKS)}
     verdicts["_o"] = verdicts["id"].map(order)
     verdicts["_m"] = verdicts["model"].map({a.name: i for i, a in enumerate(adapters)})
@@ -218,7 +245,9 @@ def run_diagnostics(
     stats = pd.DataFrame(stats_rows)
     overall = {m: worst(g["verdict"].tolist()) for m, g in verdicts.groupby("model", sort=False)}
     stats["verdict"] = stats["model"].map(overall)
-    per_sample = pd.concat([ga.per_sample.assign(model=ga.model) for ga in analyses], ignore_index=True)
+    per_sample = pd.concat([pd.DataFrame(columns=["model"])]
+                           + [ga.per_sample.assign(model=ga.model) for ga in analyses],
+                           ignore_index=True)
     per_sample = per_sample[["model"] + [c for c in per_sample.columns if c != "model"]]
     curve_df = (pd.concat([curves(r) for r in runs.values()], ignore_index=True) if runs else
                 pd.DataFrame(columns=["model", "attack", "epsilon", "success_rate", "accuracy"]))
@@ -231,20 +260,29 @@ def run_diagnostics(
         "epsilons": list(cfg.epsilons),
         "steps": cfg.steps,
         "unbounded_eps": cfg.unbounded_eps,
-        "unbounded_steps": cfg.unbounded_steps,
-        "unbounded_step_size": cfg.unbounded_step_size,
+        "step_ratio": 1 / 3,
         "n_random": cfg.n_random,
-        "stability_noise": 1e-4 * scale,
+        "gamma": cfg.gamma,
+        "unstable_radius": 8 / 255 * scale,
         "attacks": attacks,
         "float64": float64,
         "finite_differences": finite_differences,
+        "adaptive": adaptive,
         "seed": seed,
         "torch": torch.__version__,
         "timings_s": timings,
     }
+    recommended = recommendations(verdicts, adapters)
+    adaptive_df = pd.DataFrame(columns=COLUMNS)
+    if adaptive and recommended:
+        bar.set_postfix_str("adaptive attacks")
+        adaptive_df = pd.concat([run_adaptive(a, x, y, cfg.epsilons, cfg.steps, batch_size)
+                                 for a in adapters if a.name in recommended], ignore_index=True)
     result = DiagnosticsResult(stats, verdicts, magnitudes, curve_df, per_sample,
-                               pd.concat(profiles, ignore_index=True), config,
-                               {ga.model: ga.log10_abs for ga in analyses})
+                               pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame(),
+                               config,
+                               {ga.model: ga.log10_abs for ga in analyses},
+                               recommended=recommended, adaptive=adaptive_df)
     if out is not None:
         bar.set_postfix_str("report")
         config["seconds_total"] = time.perf_counter() - t0

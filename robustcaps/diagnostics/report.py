@@ -6,7 +6,7 @@
 - ``grad_norms.png``: per-sample L1 / L2 / Linf gradient norms per model;
 - ``loss_profile.png``: loss and accuracy along the gradient-sign direction and a random
   sign direction;
-- ``attack_curves.png``: success rate vs epsilon for FGSM, BIM, random noise and transfer.
+- ``attack_curves.png``: success rate vs epsilon for FGSM, PGD, random noise and transfer.
 
 ``write_report(result, out, figures)`` writes ``gradient_report.md``, which embeds them by
 relative path.
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .indicators import CHECKS, FAIL, NA, PASS, WARN
+from .adaptive import CAPSULE_ATTACKS, available
+from .indicators import CHECKS, DEVIATIONS, FAIL, NA, PASS, WARN
 
 if TYPE_CHECKING:
     from . import DiagnosticsResult
@@ -37,25 +38,26 @@ MEANING = {
           "differences disagree): the loss is flat, stepped or noisy at small scales",
     "G5": "its gradients are many orders of magnitude smaller than the other models', the "
           "signature Brendel & Bethge (2017) found for a saturated, masked model",
-    "A": "single-step FGSM beats iterative BIM, which an honest loss landscape does not allow",
+    "A": "single-step FGSM beats iterative PGD, which an honest loss landscape does not allow",
     "B": "examples crafted on another model fool it more often than white-box attacks on "
          "itself: its own gradients point the attack the wrong way",
     "C": "accuracy does not fall to zero even with an unbounded perturbation: the attack, "
          "not the model, is failing",
     "D": "random sign noise of the same size works about as well as the gradient attack: the "
          "gradient carries little information",
-    "P1": "for some samples the gradient is entirely zero (or underflows), so gradient "
-          "attacks cannot move",
-    "P2": "predictions or the loss change under repeated evaluation or tiny noise: "
-          "the model is randomised or numerically unstable, so a single gradient is unreliable",
-    "P3": "BIM found adversarial examples at intermediate steps but ended on non-adversarial "
-          "points: a last-iterate attack under-reports success (robustcaps' engine keeps the "
-          "first adversarial example, so its own numbers are not affected)",
+    "P1": "for some samples the gradient is entirely zero, or autograd cannot reach the "
+          "input at all (an interrupted graph), so gradient attacks cannot move; replace the "
+          "non-differentiable step by a differentiable approximation in the backward pass "
+          "(BPDA, Athalye et al. 2018)",
+    "P2": "the attack loss changes a lot under tiny random noise: the model is randomised or "
+          "numerically unstable, so a single gradient is unreliable (average gradients over "
+          "the randomness: EOT)",
+    "P3": "PGD passed through adversarial points but the point it returned is not adversarial "
+          "when the model is asked again: the model answers differently each time",
     "P4": "the attack loss was still rising in the last steps on samples it failed on: more "
           "iterations would likely find more adversarial examples",
-    "P5": "on the samples the white-box attack failed on, examples that did fool another "
-          "model did not transfer either; the robustness claim on those samples rests on the "
-          "white-box attack alone",
+    "P5": "the label the attack recorded for its example differs from the model's own fresh "
+          "prediction of the same input: success counts from this model are not repeatable",
     "P6": "an unbounded attack does not fool every sample, which no honest classifier can "
           "resist: the attack is broken for this model",
 }
@@ -176,7 +178,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
 
     # 4. attack curves
     cu = result.curves
-    cu = cu[cu["attack"] != "bim-unbounded"] if len(cu) else cu
+    cu = cu[cu["attack"] != "pgd-unbounded"] if len(cu) else cu
     if len(cu):
         fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models) + 1, 4.2),
                                  squeeze=False, sharey=True)
@@ -184,7 +186,7 @@ def write_figures(result: DiagnosticsResult, out: Path) -> dict[str, Path]:
             ax = axes[0, j]
             d = cu[cu["model"] == m]
             for attack, g in d.groupby("attack", sort=False):
-                style = {"fgsm": "o--", "bim": "s-", "random": "x:"}.get(attack, "d-.")
+                style = {"fgsm": "o--", "pgd": "s-", "random": "x:"}.get(attack, "d-.")
                 ax.plot(g["epsilon"], 100 * g["success_rate"], style, label=attack,
                         markerfacecolor="none" if attack == "fgsm" else None,
                         markersize=9 if attack == "fgsm" else 6)
@@ -243,7 +245,7 @@ def conclusion(result: DiagnosticsResult, model: str) -> str:
                      "caveats below.")
     elif set(fails["id"]) <= {"P3", "P4"}:
         parts.append("**The gradients look usable, but the attack as configured is not finished "
-                     "with this model:** rerun with more BIM steps (`--steps`) before trusting "
+                     "with this model:** rerun with more PGD steps (`--steps`) before trusting "
                      "its robustness numbers.")
     else:
         parts.append("**Robustness numbers for this model should not be trusted as they stand.**")
@@ -260,8 +262,35 @@ def conclusion(result: DiagnosticsResult, model: str) -> str:
                          f"than {r['reference']}'s.")
         elif isinstance(ratio, float) and ratio == -math.inf:
             parts.append(f"Its gradients are zero where {r['reference']}'s are not.")
+    if model in result.recommended:
+        parts.append(next_attacks(result, model))
     parts.append(f"Clean accuracy on these samples: {_fmt(st['clean_accuracy'], 'pct')}.")
     return " ".join(parts)
+
+
+def next_attacks(result: DiagnosticsResult, model: str) -> str:
+    """The capsule-aware attacks to run next, and whether this installation has them."""
+    names = [f"`{n}` ({CAPSULE_ATTACKS[n]}{'' if available(n) else '; not in this installation'})"
+             for n in result.recommended[model]]
+    ran = " (run below)" if len(result.adaptive) else ""
+    return ("**Next:** this is a capsule network and the checks point at the attack, so run "
+            f"the capsule-aware attacks{ran}: " + "; ".join(names) + ". "
+            "`robustcaps diagnose --adaptive` runs those available.")
+
+
+def adaptive_section(result: DiagnosticsResult) -> list[str]:
+    """Markdown lines: success rates of the capsule-aware attacks, or why they did not run."""
+    L = ["## Capsule-aware attacks", ""]
+    ad = result.adaptive
+    for (model, attack), g in ad.groupby(["model", "attack"], sort=False):
+        status = g["status"].iloc[0]
+        if status != "ran":
+            L.append(f"- {model}, `{attack}`: {status}.")
+            continue
+        rates = ", ".join(f"eps {e:g}: {_fmt(r, 'pct')}" for e, r in zip(g["epsilon"], g["success_rate"], strict=True))
+        L.append(f"- {model}, `{attack}`: success on clean-correct samples {rates}.")
+    L.append("")
+    return L
 
 
 def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path]) -> Path:
@@ -308,12 +337,13 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
              f"{cfg['data_scale']:.3g}.")
     L.append("- Gradients are of each model's own attack loss (`ce` = softmax cross-entropy on "
              "the scores; for capsule networks the scores are the logits of the class "
-             "activations) w.r.t. the input, exactly what FGSM/BIM use.")
+             "activations) w.r.t. the input, exactly what FGSM/PGD use.")
     if cfg["attacks"]:
         L.append(f"- Attack indicators: epsilons {', '.join(f'{e:g}' for e in cfg['epsilons'])} "
-                 f"(L-inf, input units); BIM with K = {cfg['steps']} steps, "
-                 f"alpha = 1.25 eps / K; unbounded BIM eps_inf = {cfg['unbounded_eps']:g}, "
-                 f"{cfg['unbounded_steps']} steps of {cfg['unbounded_step_size']:.3g}; "
+                 f"(L-inf, input units); native PGD with K = {cfg['steps']} steps of eps/3, no "
+                 f"random start, tracked per iteration; unbounded PGD eps_inf = "
+                 f"{cfg['unbounded_eps']:g}, K steps of eps_ref/3; {cfg['gamma']} noise draws "
+                 f"of radius {cfg['unstable_radius']:.3g} per sample (P2); "
                  f"{cfg['n_random']} random sign draws per sample and epsilon; success rates are "
                  "over the samples each model classifies correctly.")
     L.append(f"- Total time {cfg.get('seconds_total', float('nan')):.1f} s; seed {cfg['seed']}; "
@@ -332,14 +362,15 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     for m in models:
         L.append(f"**{m}: {overall[m]}.** {conclusion(result, m)}")
         L.append("")
-    if len(models) > 1:
+    measured = [m for m in models if m in result.log10_abs]  # an interrupted graph has none
+    if len(measured) > 1:
         L.append("### The paper's two measurements")
         L.append("")
-        zf = ", ".join(f"{m} {_fmt(st.loc[m, 'zero_fraction'], 'pct')}" for m in models)
+        zf = ", ".join(f"{m} {_fmt(st.loc[m, 'zero_fraction'], 'pct')}" for m in measured)
         L.append(f"- Share of exactly-zero entries in dL/dx: {zf}. (Paper: smaller for the "
                  "capsule model than for the CNN.)")
-        ref = max(models, key=lambda m: st.loc[m, "l1_q50"])
-        for m in models:
+        ref = max(measured, key=lambda m: st.loc[m, "l1_q50"])
+        for m in measured:
             if m == ref:
                 continue
             row = result.magnitudes[(result.magnitudes["model"] == m)
@@ -408,26 +439,26 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
         L.append("## Attack-based indicators")
         L.append("")
         cu = result.curves
-        for m in models:
+        for m in measured:
             d = cu[cu["model"] == m]
             attacks = list(dict.fromkeys(d["attack"]))
-            epss = sorted(d.loc[d["attack"] == "bim", "epsilon"].unique())
+            epss = sorted(d.loc[d["attack"] == "pgd", "epsilon"].unique())
             rows = []
             for a in attacks:
-                if a == "bim-unbounded":
+                if a == "pgd-unbounded":
                     continue
                 s = d[d["attack"] == a].set_index("epsilon")["success_rate"]
                 rows.append([a] + [_fmt(s.get(e, float("nan")), "pct") for e in epss])
-            ub = d[d["attack"] == "bim-unbounded"]
+            ub = d[d["attack"] == "pgd-unbounded"]
             L.append(f"**{m}** (success rate on {int(st.loc[m, 'attack_clean_correct'])} "
-                     f"clean-correct samples; unbounded BIM: "
+                     f"clean-correct samples; unbounded PGD: "
                      f"{_fmt(float(ub['success_rate'].iloc[0]), 'pct') if len(ub) else 'n/a'}; "
                      f"eps_ref = {st.loc[m, 'eps_ref']:g})")
             L.append("")
             L.append(_table(["attack \\ eps"] + [f"{e:g}" for e in epss], rows))
             L.append("")
         for key, caption in (("fig_curves", "Attack success vs epsilon: a gradient attack "
-                              "should beat random noise, BIM should beat FGSM, and white-box "
+                              "should beat random noise, PGD should beat FGSM, and white-box "
                               "should beat transfer."),
                              ("fig_profile", "Attack loss and accuracy along x + t sign(grad) "
                               "(solid) and x + t random sign (dashed): an honest gradient "
@@ -440,6 +471,8 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
     elif "fig_profile" in figures:
         L.append(f"![Loss along the gradient direction]({figures['fig_profile'].name})")
         L.append("")
+    if len(result.adaptive):
+        L += adaptive_section(result)
     L.append("## Numbers behind each verdict")
     L.append("")
     rows = [[r["model"], r["id"], r["check"], BADGE[r["verdict"]], r["numbers"]]
@@ -453,12 +486,20 @@ def write_report(result: DiagnosticsResult, out: Path, figures: dict[str, Path])
              "classifies correctly, pp = percentage points. G-checks use the gradients alone, "
              "A-D are classic masking symptoms (Athalye et al. 2018; Carlini et al. 2019), "
              "P1-P6 are the Indicators of Attack Failure of Pintor et al. (2022). Check C and "
-             "P6 share the unbounded BIM run; C also checks the shape of the accuracy curve, "
+             "P6 share the unbounded PGD run; C also checks the shape of the accuracy curve, "
              "P6 counts samples.")
     L.append("")
     rows = [[c["id"], c["name"], c["formula"].replace("|", "\\|"), c["rule"].replace("|", "\\|")]
             for c in CHECKS]
     L.append(_table(["id", "check", "formula", "verdict rule"], rows))
+    L.append("")
+    L.append("### Departures from the reference implementation")
+    L.append("")
+    L.append("P1-P6 follow the authors' code (pralab/IndicatorsOfAttackFailure, "
+             "`src/indicators/indicators.py`) except where listed:")
+    L.append("")
+    L.append(_table(["indicator", "deviation", "reason"],
+                    [[d["id"], d["deviation"], d["reason"]] for d in DEVIATIONS]))
     L.append("")
     L.append("### Why the loss matters: probabilities vs logits")
     L.append("")

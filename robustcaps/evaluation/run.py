@@ -14,7 +14,6 @@ import os
 import platform
 import time
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,22 @@ from .config import (
     DEFAULT_TRANSFER_TARGETS,
     EvaluationConfig,
 )
+from .distributed import (
+    MERGE_CLAIM,
+    Workers,
+    claim,
+    clear_claims,
+    detect_workers,
+    my_units,
+    open_run,
+    scale_summary,
+    unit_cost,
+    write_plan,
+    write_stats,
+)
 from .plan import TransferUnit, Unit, WhiteBoxUnit, plan_units, safe_name, skip_reason
 from .records import concat_records, eps_units, read_records, records_from
+from .seeding import attack_params, unit_seed
 from .store import RunStore, now
 
 logger = logging.getLogger(__name__)  # -v: what was loaded and each unit as it finishes
@@ -53,7 +66,8 @@ class EvaluationResult:
     ``records``: one row per sample x model x attack x backend x target x epsilon
     (columns :data:`~robustcaps.evaluation.records.RECORD_COLUMNS`); ``summary`` /
     ``per_target``: aggregations; ``disagreement``: largest backend difference (pp);
-    ``paths``: written files by name (empty without ``out``); ``table``: console text.
+    ``paths``: written files by name (empty without ``out``); ``table``: console text;
+    ``complete``: False for a process that ran a share and did not merge (its records only).
     """
 
     records: pd.DataFrame
@@ -63,6 +77,7 @@ class EvaluationResult:
     paths: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     table: str = ""
+    complete: bool = True  # False: one process's share of a run on several processes
 
 
 class RunLog:
@@ -104,49 +119,83 @@ class UnitContext:
     n_examples: int
     examples_backend: str
     seed: int = 0
+    progress: bool = False
+    figures: bool = True
 
 
 # --------------------------------------------------------------------------- evaluate
 def evaluate(config: EvaluationConfig, *, echo: Callable[[str], None] | None = None,
-             command: str | None = None) -> EvaluationResult:
+             command: str | None = None, workers: Workers | None = None) -> EvaluationResult:
     """Run the white-box and/or transfer sweeps ``config`` describes; see
     :func:`robustcaps.evaluate` for the keyword form. ``echo`` prints progress messages,
-    ``command`` is the command line stored in the manifest."""
+    ``command`` is the command line stored in the manifest, ``workers`` this process's place
+    in a run on several processes (default: the torchrun group the environment names)."""
     t_start = time.perf_counter()
-    log = RunLog(echo)
-    out = config.output
-    if out.resume and out.out is None:
-        raise RobustcapsError("resume needs the run directory to continue (--out DIR)")
+    workers = workers or detect_workers(config.run.device)
+    config = _for_workers(config, workers)
+    log, out = RunLog(echo), config.output
     seed_everything(config.run.seed)
     data, n_samples = load_data(config, log)
     models = load_models(config, data, log)
     data = fit_data(data, models)
     identity = run_identity(config, data, models, n_samples)
-    store = RunStore(out.out)
-    store.open(identity, out.resume)
-    if store.complete:
-        log.say(f"{store.root} is already complete: nothing to resume "
-                f"(robustcaps report {store.root} rebuilds its tables and figures)")
-        return stored_result(store)
-    if store:
-        log.say(f"run directory: {store.root}")
-    manifest = store.keep_history(start_manifest(config, data, models, identity, log, command))
-    store.write_manifest(manifest)
+    manifest = start_manifest(config, data, models, identity, log, command)
     transfer = None if models.source is None else (
         config.transfer.transfer_attack, models.source, models.targets)
     _warn_skipped(config, models, log)
     units = plan_units(attacks=config.white_box, backends=config.threat.backend,
                        modes=config.threat.targeted.flags, models=models.white,
                        n=len(data), batch_size=config.batch_size, transfer=transfer)
+    costs = [unit_cost(u, data.num_classes, config.threat.steps) for u in units]
+    store = RunStore(out.out, workers.writer)
+    open_run(store, identity, out.resume, workers,
+             lambda: _setup(store, manifest, units, costs, workers))
+    if store.complete:
+        log.say(f"{store.root} is already complete: nothing to resume "
+                f"(robustcaps report {store.root} rebuilds its tables and figures)")
+        return stored_result(store)
+    if store:
+        log.say(f"run directory: {store.root}")
     ctx = UnitContext(data, np.asarray(config.threat.epsilons, dtype=np.float64),
                       identity["eps_units"], _attack_params(config), store, out.n_examples,
-                      config.threat.backend[0], config.run.seed)
+                      config.threat.backend[0], config.run.seed, out.progress, out.figures)
     try:
-        records, timings = run_units(units, ctx, log, progress=out.progress)
+        return _run(units, costs, ctx, log, workers, manifest, t_start)
     except RobustcapsError as exc:  # the manifest says why the run has no results
         store.write_manifest({**manifest, "status": "failed", "error": str(exc)})
         raise
-    return finish(records, store, manifest, timings, t_start, figures=out.figures)
+
+
+def _run(units: list[Unit], costs: list[float], ctx: UnitContext, log: RunLog,
+         workers: Workers, manifest: dict[str, Any], t_start: float) -> EvaluationResult:
+    if workers.mode == "single":
+        records, timings = run_units(units, ctx, log, progress=ctx.progress)
+        return finish(records, ctx.store, manifest, timings, t_start, figures=ctx.figures)
+    return run_shared(units, costs, ctx, log, workers, manifest, t_start)
+
+
+def _for_workers(config: EvaluationConfig, workers: Workers) -> EvaluationConfig:
+    """Check the output settings; each torchrun rank on its own GPU."""
+    out = config.output
+    if out.resume and out.out is None:
+        raise RobustcapsError("resume needs the run directory to continue (--out DIR)")
+    if workers.mode != "single" and out.out is None:
+        raise RobustcapsError("a run on several processes shares its run directory: give --out DIR")
+    device = workers.device(config.run.device)
+    return config if device == config.run.device else config.replace(device=device)
+
+
+def _setup(store: RunStore, manifest: dict[str, Any], units: list[Unit], costs: list[float],
+           workers: Workers) -> None:
+    """What the first process writes before the others start: manifest, plan; and, for a
+    new launch, no claims left from a launch that died."""
+    if not store:
+        return
+    manifest.update(store.keep_history(manifest))  # a resume keeps the first command
+    store.write_manifest(manifest)
+    write_plan(store, units, costs)
+    if workers.mode != "shard":
+        clear_claims(store)
 
 
 def _warn_skipped(config: EvaluationConfig, models: Models, log: RunLog) -> None:
@@ -167,15 +216,6 @@ def _attack_params(config: EvaluationConfig) -> dict[str, Any]:
             "early_stop": t.early_stop, "batch_size": config.batch_size}
 
 
-def unit_seed(run_seed: int, key: str) -> int:
-    """The seed of one unit's random starts: from the run seed and the unit key, so that
-    units (and shards of a run) draw independent, reproducible starts."""
-    state = np.random.SeedSequence([int(run_seed), zlib.crc32(key.encode())])
-    return int(state.generate_state(1)[0])
-
-
-def _unit_attack(name: str, backend: str, unit_key: str, ctx: UnitContext):
-    return get_attack(name, backend=backend, **ctx.params, seed=unit_seed(ctx.seed, unit_key))
 
 
 # --------------------------------------------------------------------------- data
@@ -397,6 +437,50 @@ def run_units(units: list[Unit], ctx: UnitContext, log: RunLog, *,
     return chunks, timings
 
 
+def run_shared(units: list[Unit], costs: list[float], ctx: UnitContext, log: RunLog,
+               workers: Workers, manifest: dict[str, Any], t_start: float) -> EvaluationResult:
+    """Run this process's share; then the process that merges (rank 0, or the shard that
+    finds every unit done) writes the records and report of the whole run."""
+    from tqdm.auto import tqdm
+
+    t0, ran, frames = time.perf_counter(), {}, []
+    todo = tqdm(my_units(units, costs, ctx.store, workers), desc=f"evaluate ({workers.label})",
+                unit="unit", disable=not (ctx.progress and workers.rank == 0), leave=False)
+    for unit in todo:
+        t = time.perf_counter()
+        df = run_unit(unit, ctx)
+        ran[unit.key] = time.perf_counter() - t
+        frames.append(ctx.store.save_chunk(unit.key, df, ran[unit.key]))
+        logger.info("%s: unit %s: %d records in %.2f s", workers.label, unit.key, len(df),
+                    ran[unit.key])
+    write_stats(ctx.store, workers, ran, time.perf_counter() - t0)
+    log.say(f"{workers.label}: {len(ran)} units in {time.perf_counter() - t0:.1f} s")
+    workers.barrier()
+    merges = workers.main or (workers.mode == "shard" and _all_done(units, ctx.store)
+                              and claim(ctx.store.root / MERGE_CLAIM, workers))
+    result = _merge(units, ctx, manifest, workers, t_start) if merges else EvaluationResult(
+        concat_records(frames), *(pd.DataFrame(),) * 3, complete=False)
+    workers.barrier()  # every rank returns once the merged run is on disk
+    return result
+
+
+def _all_done(units: list[Unit], store: RunStore) -> bool:
+    return all(store.has_chunk(u.key) for u in units)
+
+
+def _merge(units: list[Unit], ctx: UnitContext, manifest: dict[str, Any], workers: Workers,
+           t_start: float) -> EvaluationResult:
+    """The whole run from every unit's chunk, in plan order (as a single process has it)."""
+    missing = [u.key for u in units if not ctx.store.has_chunk(u.key)]
+    if missing:
+        raise RobustcapsError(f"{len(missing)} units have no records after every rank finished "
+                              f"(first: {missing[0]}); continue with --resume")
+    chunks = [ctx.store.load_chunk(u.key) for u in units]
+    manifest["scale"] = scale_summary(ctx.store.root, workers)
+    return finish(chunks, ctx.store, manifest, ctx.store.unit_seconds(), t_start,
+                  figures=ctx.figures)
+
+
 def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
     """One unit's records, or a one-line error when a model raises or returns NaN/Inf
     scores or gradients (a non-finite score would count as prediction 0: never counted)."""
@@ -417,6 +501,7 @@ def run_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
 
 def _attack_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
     """One unit's records (targeted units attack every sample towards each wrong class)."""
+    seed_everything(unit_seed(ctx.seed, unit.key))  # for code drawing from the global RNGs
     pos = unit.positions
     x, y, samples = ctx.data.x[pos], ctx.data.y[pos], ctx.data.meta["index"][pos]
     targets = None
@@ -431,7 +516,7 @@ def _attack_unit(unit: Unit, ctx: UnitContext) -> pd.DataFrame:
 def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                    targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     keep = (unit.batch == 0 and not unit.targeted and unit.backend == ctx.examples_backend)
-    attack = _unit_attack(unit.attack, unit.backend, unit.key, ctx)
+    attack = get_attack(unit.attack, backend=unit.backend, **_unit_params(unit, ctx))
     res = attack.run(unit.model, x, y, ctx.epsilons, targets=targets, return_adv=keep)
     path = ctx.store.examples_path(f"{unit.attack}__{safe_name(unit.model.name)}")
     if keep and path is not None and ctx.n_examples > 0:
@@ -443,7 +528,7 @@ def _run_white_box(unit: WhiteBoxUnit, ctx: UnitContext, x: torch.Tensor, y: tor
 def _run_transfer(unit: TransferUnit, ctx: UnitContext, x: torch.Tensor, y: torch.Tensor,
                   targets: torch.Tensor | None, samples: np.ndarray) -> pd.DataFrame:
     """Craft once on the source, evaluate every target on the same inputs."""
-    crafter = _unit_attack(unit.attack, unit.backend, unit.key, ctx)
+    crafter = get_attack(unit.attack, backend=unit.backend, **_unit_params(unit, ctx))
     crafted = crafter.run(unit.source, x, y, ctx.epsilons, targets=targets, return_adv=True)
     name = unit.source.name
     frames = [records_from(evaluate_on(t, crafted, x.cpu(), name, ctx.params["batch_size"]),
@@ -452,6 +537,11 @@ def _run_transfer(unit: TransferUnit, ctx: UnitContext, x: torch.Tensor, y: torc
                            units=ctx.eps_units)
               for t in unit.targets]
     return pd.concat(frames, ignore_index=True)
+
+
+def _unit_params(unit: Unit, ctx: UnitContext) -> dict[str, Any]:
+    """The attack's parameters, with the unit's own seed for an attack that takes one."""
+    return attack_params(unit.attack, unit.backend, ctx.params, unit_seed(ctx.seed, unit.key))
 
 
 def expand_targets(x: torch.Tensor, y: torch.Tensor, k: int

@@ -7,7 +7,8 @@ Layout::
     config.json            what must match for --resume (data fingerprint, model hashes, ...)
     manifest.json          settings, versions, device, models, timings; status
     chunks/<unit>.csv.gz   one unit's records, written when it finishes
-    chunks/done.jsonl      {"unit", "seconds", "rows"} per finished unit
+    chunks/done.jsonl      {"unit", "seconds", "rows"} per finished unit (done-<writer>.jsonl
+                           per process of a run on several processes)
     examples/*.npz         a few adversarial examples per (attack, model)
     records.csv.gz         every unit's records, once all are done
     COMPLETE               written last
@@ -16,6 +17,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,16 @@ from .records import read_chunk
 COMPLETE_MARKER = "COMPLETE"
 
 
+def _part() -> str:
+    """A temporary-file suffix of its own: processes sharing a run directory may write the
+    same JSON file (manifest, config) at once. (CSVs keep a fixed one: gzip stores the file
+    name, and each chunk has one writer.)"""
+    return f".{uuid.uuid4().hex[:8]}.part"
+
+
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"),
+                        suffix=_part())
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -45,10 +55,12 @@ def now() -> str:
 
 
 class RunStore:
-    """A run directory on disk (``root``) or, with ``root=None``, nothing written."""
+    """A run directory on disk (``root``) or, with ``root=None``, nothing written.
+    ``writer`` names this process's done log when several processes share the directory."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, writer: str = "") -> None:
         self.root = None if root is None else Path(root)
+        self.writer = writer
         self.complete = False  # set by open(): a resumed run that had already finished
 
     def __bool__(self) -> bool:
@@ -97,12 +109,13 @@ class RunStore:
         return None if self.root is None else write_json(self.root / "manifest.json", manifest)
 
     def unit_seconds(self) -> dict[str, float]:
-        """Seconds per finished unit, from the done log (a torn last line is skipped)."""
-        log = self._done_log()
+        """Seconds per finished unit, from the done logs (a torn last line is skipped)."""
         timings: dict[str, float] = {}
-        if log is None or not log.is_file():
+        if self.root is None:
             return timings
-        for line in log.read_text().splitlines():
+        lines = [ln for log in sorted((self.root / "chunks").glob("done*.jsonl"))
+                 for ln in log.read_text().splitlines()]
+        for line in lines:
             try:
                 d = json.loads(line)
                 timings[d["unit"]] = d["seconds"]
@@ -114,6 +127,10 @@ class RunStore:
         """A finished unit's records, or None (not done, or nothing stored)."""
         path = self._chunk(key)
         return read_chunk(path) if path is not None and path.is_file() else None
+
+    def has_chunk(self, key: str) -> bool:
+        path = self._chunk(key)
+        return path is not None and path.is_file()
 
     def save_chunk(self, key: str, df: pd.DataFrame, seconds: float) -> pd.DataFrame:
         """Store a unit's records and log it done; returns them as read back, so that a
@@ -141,4 +158,5 @@ class RunStore:
         return None if self.root is None else self.root / "chunks" / f"{key}.csv.gz"
 
     def _done_log(self) -> Path | None:
-        return None if self.root is None else self.root / "chunks" / "done.jsonl"
+        name = f"done-{self.writer}.jsonl" if self.writer else "done.jsonl"
+        return None if self.root is None else self.root / "chunks" / name

@@ -78,7 +78,9 @@ def train(
     cfg = TrainConfig(model=model_name, dataset=dataset, epochs=epochs,
                       out=str(out) if out is not None else None, seed=seed, resume=resume, **options)
     cfg.validate()
-    return Trainer(cfg, train_data, test_data, callback).run()
+    from .distributed import make_trainer  # DDP under torchrun
+
+    return make_trainer(cfg, train_data, test_data, callback).run()
 
 
 class Trainer:
@@ -140,6 +142,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model, num_classes=data.num_classes,
                                   input_shape=self.input_shape, **cfg.arch_kwargs).to(self.device)
+        self.train_model: nn.Module = self.model  # what a step runs (DDP wraps it)
         self.arch_kwargs = dict(self.model.robustcaps_meta.get("arch_kwargs", cfg.arch_kwargs))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr0,
                                           weight_decay=cfg.weight_decay)
@@ -268,7 +271,7 @@ class Trainer:
         step = self.global_step
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
-        scores = self.model(x)
+        scores = self.train_model(x)
         loss = self.loss(scores, y, step)
         if not bool(torch.isfinite(loss)):
             raise TrainingDiverged(

@@ -1,0 +1,5 @@
+"""``python -m robustcaps``: the command line (what torchrun's ``-m robustcaps`` runs)."""
+
+from .cli import main
+
+main()
