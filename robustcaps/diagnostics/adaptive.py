@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from ..errors import RobustcapsError
 from ..models.adapter import ModelAdapter
 from .indicators import NA, PASS
 
@@ -63,7 +64,11 @@ def run_adaptive(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor,
             rows.append((adapter.name, name, "unavailable: not in the attack registry",
                          float("nan"), float("nan")))
             continue
-        res = _attack(name, steps, batch_size).run(adapter, x, y, list(epsilons))
+        try:
+            res = _attack(name, steps, batch_size).run(adapter, x, y, list(epsilons))
+        except RobustcapsError as exc:  # e.g. capsule scores without EM-routing layers
+            rows.append((adapter.name, name, f"unavailable: {exc}", float("nan"), float("nan")))
+            continue
         cc = res.clean_pred == y.cpu()
         for e, eps in enumerate(res.epsilons):
             rate = float(res.success[e][cc].double().mean()) if cc.any() else float("nan")
