@@ -1088,17 +1088,25 @@ def em_routing_autograd(
     """:func:`em_routing` as one plain autograd graph over the whole batch (no custom
     backward, no chunking): what ``torch.compile`` traces. Same arguments and results.
     ``hold`` (``"all"``/``"last"``): assignments as constants for autograd (BPDA)."""
+    return _route_graph(votes, a_in, beta_a, beta_u,
+                        lambda_schedule(iterations, final_lambda, schedule),
+                        fold, data_scale, var_floor, hold, smooth)
+
+
+def _route_graph(votes: torch.Tensor, a_in: torch.Tensor, beta_a: torch.Tensor,
+                 beta_u: torch.Tensor, lambdas: list[float], fold: Fold | None,
+                 data_scale: float, var_floor: float, hold: str | None = None,
+                 smooth: float = 1.0) -> RoutingResult:
+    """:func:`_route` over the whole batch as one autograd graph, one iteration per lambda."""
     n, L, C, J, H = votes.shape
-    m = n * L * C
     R0 = _initial_R(votes, fold)
     a = a_in[:, :, None, :]
     c = _reference_mean(votes, (R0 * a).detach())
-    V = votes.reshape(m, J, H)
+    V = votes.reshape(n * L * C, J, H)
     dv = V - c
     U = torch.cat((dv, dv * dv), -1)
-    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u,
-                           lambda_schedule(iterations, final_lambda, schedule),
-                           fold, data_scale, var_floor, (n, L, C, J), hold, smooth)
+    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, lambdas, fold, data_scale,
+                           var_floor, (n, L, C, J), hold, smooth)
     return RoutingResult(poses=mu, logits=logits, R=R)
 
 
@@ -1124,18 +1132,8 @@ def em_routing_uniform(
     smooth in the votes; an ordinary autograd graph. ``smooth`` is ignored: the uniform
     surrogate's pose is the plain weighted mean of the votes."""
     del smooth
-    n, L, C, J, H = votes.shape
-    m = n * L * C
-    R0 = _initial_R(votes, fold)
-    a = a_in[:, :, None, :]
-    c = _reference_mean(votes, (R0 * a).detach())
-    V = votes.reshape(m, J, H)
-    dv = V - c
-    U = torch.cat((dv, dv * dv), -1)
     lam = lambda_schedule(iterations, final_lambda, schedule)[-1]
-    mu, logits, R = _route(V, U, c, a, R0, beta_a, beta_u, [lam], fold, data_scale,
-                           var_floor, (n, L, C, J))
-    return RoutingResult(poses=mu, logits=logits, R=R)
+    return _route_graph(votes, a_in, beta_a, beta_u, [lam], fold, data_scale, var_floor)
 
 
 # ---------------------------------------------------------------------------- surrogates
