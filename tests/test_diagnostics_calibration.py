@@ -59,6 +59,7 @@ def verdict(res, model: str, check: str) -> str:
 @pytest.mark.parametrize(("model", "check", "expected", "why"), TABLE,
                          ids=[f"{m}-{c}" for m, c, _, _ in TABLE])
 def test_calibration_table(results, model, check, expected, why):
+    _needs_its_data(model)
     res = results[model]
     got = verdict(res, model, check)
     assert got == expected, res.verdicts[res.verdicts["verdict"] != PASS]
@@ -67,13 +68,20 @@ def test_calibration_table(results, model, check, expected, why):
         assert set(res.verdicts.loc[res.verdicts["verdict"] == NA, "id"]) == {"G5", "B"}
 
 
+def _needs_its_data(model: str) -> None:
+    # the example net ships weights fitted to real MNIST; generated digits are not its data
+    if model == "third-party-net" and not km.MNIST_DIR.is_dir():
+        pytest.skip("../shared/data/mnist-t10k is not present")
+
+
 def value(res, check: str) -> float:
     return float(res.verdicts.set_index("id").loc[check, "value"])
 
 
 def test_calibration_numbers(results):
     # honest models: no unavailable gradient, stable losses, no attack-failure symptom
-    for name in ("clean-cnn", "clean-linear", "third-party-net", "saturated-logits"):
+    honest = ("clean-cnn", "clean-linear", "third-party-net", "saturated-logits")
+    for name in honest if km.MNIST_DIR.is_dir() else honest[:2] + honest[3:]:
         res = results[name]
         assert value(res, "P1") == 0.0 and value(res, "P3") == 0.0 and value(res, "P5") == 0.0
         assert value(res, "P6") == 0.0 and value(res, "P2") < 0.1, name
